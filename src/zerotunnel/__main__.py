@@ -1,0 +1,3 @@
+from zerotunnel.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""zerotunnel.node."""
