@@ -22,6 +22,10 @@ FORBIDDEN_CALLS = {
     ("date", "today"), ("os", "getenv"), ("os", "environ"), ("os", "getenvb"), ("os", "environb"),
 }
 
+# pathlib / file-object methods that touch the file system
+FILE_IO_METHODS = {"read_text", "read_bytes", "write_text", "write_bytes", "iterdir", "rglob", "glob", "mkdir",
+                   "unlink", "chmod"}
+
 
 def _pure_modules() -> list[Path]:
     return sorted(p for pkg in PURE_PACKAGES for p in (SRC / pkg).rglob("*.py"))
@@ -40,6 +44,10 @@ def _violations(path: Path) -> list[str]:
                 found.append(f"line {node.lineno}: from {node.module} import ...")
             if node.module == "os" and any(a.name in {"environ", "getenv"} for a in node.names):
                 found.append(f"line {node.lineno}: from os import environ/getenv")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "open":
+            found.append(f"line {node.lineno}: open()")
+        elif isinstance(node, ast.Attribute) and node.attr in FILE_IO_METHODS:
+            found.append(f"line {node.lineno}: .{node.attr}()")
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
             if (node.value.id, node.attr) in FORBIDDEN_CALLS:
                 found.append(f"line {node.lineno}: {node.value.id}.{node.attr}")
@@ -60,8 +68,9 @@ def test_checker_catches_violations(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text(
         "import asyncio\nfrom socket import socket\nimport os\nimport datetime\n"
-        "def f():\n    import subprocess\n    return os.environ, datetime.datetime.now()\n"
+        "def f(p):\n    import subprocess\n    open(p).read()\n    p.read_text()\n"
+        "    return os.environ, datetime.datetime.now()\n"
     )
     found = " ".join(_violations(bad))
-    for needle in ("asyncio", "socket", "subprocess", "os.environ", "datetime.now"):
+    for needle in ("asyncio", "socket", "subprocess", "os.environ", "datetime.now", "open()", ".read_text()"):
         assert needle in found
