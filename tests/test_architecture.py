@@ -23,12 +23,23 @@ FORBIDDEN_CALLS = {
 }
 
 # pathlib / file-object methods that touch the file system
-FILE_IO_METHODS = {"read_text", "read_bytes", "write_text", "write_bytes", "iterdir", "rglob", "glob", "mkdir",
-                   "unlink", "chmod"}
+FILE_IO_METHODS = {
+    "read_text", "read_bytes", "write_text", "write_bytes",
+    "iterdir", "rglob", "glob", "mkdir", "unlink", "chmod",
+}
 
 
 def _pure_modules() -> list[Path]:
     return sorted(p for pkg in PURE_PACKAGES for p in (SRC / pkg).rglob("*.py"))
+
+
+def _owner_name(node: ast.expr) -> str:
+    """`datetime` for both `datetime.now` and `datetime.datetime.now`."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    return ""
 
 
 def _violations(path: Path) -> list[str]:
@@ -48,9 +59,8 @@ def _violations(path: Path) -> list[str]:
             found.append(f"line {node.lineno}: open()")
         elif isinstance(node, ast.Attribute) and node.attr in FILE_IO_METHODS:
             found.append(f"line {node.lineno}: .{node.attr}()")
-        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-            if (node.value.id, node.attr) in FORBIDDEN_CALLS:
-                found.append(f"line {node.lineno}: {node.value.id}.{node.attr}")
+        elif isinstance(node, ast.Attribute) and (_owner_name(node.value), node.attr) in FORBIDDEN_CALLS:
+            found.append(f"line {node.lineno}: {_owner_name(node.value)}.{node.attr}")
     return found
 
 
