@@ -331,7 +331,8 @@ class GatewayPort:
 class ServerTLS:
     """`servers[].tls` of an Istio Gateway (istio-ambient.md §7)."""
 
-    mode: str = "SIMPLE"  # PASSTHROUGH | SIMPLE | MUTUAL | AUTO_PASSTHROUGH | ISTIO_MUTUAL | OPTIONAL_MUTUAL
+    # PASSTHROUGH (the proto default) | SIMPLE | MUTUAL | AUTO_PASSTHROUGH | ISTIO_MUTUAL | OPTIONAL_MUTUAL
+    mode: str = "PASSTHROUGH"
     https_redirect: bool = False
     credential_name: str | None = None
     credential_names: tuple[str, ...] = ()
