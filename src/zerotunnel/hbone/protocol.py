@@ -1,0 +1,461 @@
+"""HBONE client and server connections over `h2`: bytes in → events, calls → bytes out.
+
+spec/istio-ambient.md §1: HBONE is plain RFC 9113 CONNECT over mTLS. This module owns everything
+that is HTTP/2: the settings of §1.5, the request checks of §1.4 steps 2-3, flow control with
+application acknowledgement (so a slow reader backs the sender off instead of buffering without
+bound, security.md §1d CVE-2020-12604), and the abuse limits Python's `h2` lacks (security.md
+rules 12-13: rapid reset, CONTINUATION floods, SETTINGS/PING floods → GOAWAY).
+
+No I/O and no clock: the shell feeds bytes with `receive_data(data, now)` (a monotonic time used
+only by the abuse token buckets) and writes `data_to_send()` to its transport.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from dataclasses import dataclass, field
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+from h2.frame_buffer import FrameBuffer
+from hpack.exceptions import HPACKError
+from hyperframe.exceptions import HyperframeError
+from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame, PushPromiseFrame
+
+from zerotunnel.hbone.authority import AuthorityError, HboneAuthority, parse_authority
+from zerotunnel.hbone.events import (
+    ConnectionClosed,
+    ConnectRequest,
+    ConnectResponse,
+    Event,
+    Header,
+    PeerSettingsChanged,
+    PingAcknowledged,
+    RequestRejected,
+    StreamData,
+    StreamDrained,
+    StreamEnd,
+    StreamReset,
+)
+from zerotunnel.hbone.headers import connect_request_headers
+
+KiB = 1024
+MiB = 1024 * KiB
+_DEFAULT_WINDOW = 65_535
+
+
+@dataclass(frozen=True, slots=True)
+class HboneSettings:
+    """HTTP/2 settings of §1.5 (ztunnel `config.rs`); both sides share windows and frame size."""
+
+    stream_window: int = 4 * MiB
+    connection_window: int = 16 * MiB
+    max_frame_size: int = 1 * MiB
+    max_concurrent_streams: int = 200
+    max_header_list_size: int = 64 * KiB
+    # Per-stream bytes the protocol holds for a peer that has not opened its window; the shell
+    # pauses its source above this (ztunnel's server `max_send_buffer_size`, 400 KiB).
+    max_send_buffer: int = 400 * KiB
+
+
+SERVER_SETTINGS = HboneSettings()
+CLIENT_SETTINGS = HboneSettings(max_concurrent_streams=100, max_header_list_size=16 * KiB)
+
+
+@dataclass(frozen=True, slots=True)
+class AbuseLimits:
+    """Token buckets per connection (security.md §1d): burst, then a sustained rate per second.
+
+    Resets: nghttp2 ≥ 1.57's rapid-reset budget (1000 burst, 33/s); it also counts streams we had to
+    refuse (400s), which is the h2 crate's "limit error resets". Control frames (SETTINGS, PING,
+    PRIORITY, unknown frames): a keepalive is one PING per 10 s, so 200 burst / 20 per second is
+    far above any honest peer.
+    """
+
+    reset_burst: int = 1000
+    reset_rate: float = 33.0
+    control_burst: int = 200
+    control_rate: float = 20.0
+
+
+@dataclass(slots=True)
+class _TokenBucket:
+    burst: float
+    rate: float
+    tokens: float
+    last: float | None = None
+
+    def take(self, now: float) -> bool:
+        if self.last is not None and now > self.last:
+            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now if self.last is None else max(self.last, now)
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+class _BoundedFrameBuffer(FrameBuffer):
+    """h2's frame buffer keeps up to 64 CONTINUATION frames of up to max-frame-size each (64 MiB at
+    1 MiB frames) before complaining; cap the encoded header block at the header-list limit instead
+    (Envoy CVE-2024-27919)."""
+
+    def __init__(self, *, server: bool, max_header_block: int) -> None:
+        super().__init__(server=server)
+        self._max_header_block = max_header_block
+
+    def _update_header_buffer(self, f: Frame | None) -> Frame | None:
+        if isinstance(f, HeadersFrame | PushPromiseFrame | ContinuationFrame):
+            size = sum(len(x.data) for x in self._headers_buffer) + len(f.data)
+            if size > self._max_header_block:
+                raise h2.exceptions.DenialOfServiceError(f"header block larger than {self._max_header_block}")
+        return super()._update_header_buffer(f)
+
+
+@dataclass(slots=True)
+class _Outbound:
+    chunks: deque[memoryview] = field(default_factory=deque)
+    size: int = 0
+    end_pending: bool = False
+    was_blocked: bool = False
+
+
+_CONTROL_EVENTS = (h2.events.PingReceived, h2.events.PriorityUpdated, h2.events.UnknownFrameReceived)
+_PROTOCOL_ERRORS = (h2.exceptions.ProtocolError, HyperframeError, HPACKError)
+
+
+class _HboneConnection:
+    """What client and server share: settings, flow-controlled sending, abuse limits, GOAWAY."""
+
+    def __init__(self, *, client_side: bool, settings: HboneSettings, limits: AbuseLimits) -> None:
+        self.settings = settings
+        config = h2.config.H2Configuration(client_side=client_side, header_encoding=None)
+        conn = h2.connection.H2Connection(config=config)
+        conn.local_settings = h2.settings.Settings(
+            client=client_side,
+            initial_values={
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: settings.stream_window,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: settings.max_frame_size,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: settings.max_concurrent_streams,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: settings.max_header_list_size,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        conn.max_inbound_frame_size = settings.max_frame_size
+        conn.decoder.max_header_list_size = settings.max_header_list_size
+        conn.incoming_buffer = _BoundedFrameBuffer(
+            server=not client_side, max_header_block=settings.max_header_list_size
+        )
+        conn.initiate_connection()
+        if settings.connection_window > _DEFAULT_WINDOW:
+            conn.increment_flow_control_window(settings.connection_window - _DEFAULT_WINDOW)
+        self._h2 = conn
+        self._out: dict[int, _Outbound] = {}
+        self._remote_ended: set[int] = set()
+        self._resets = _TokenBucket(limits.reset_burst, limits.reset_rate, limits.reset_burst)
+        self._control = _TokenBucket(limits.control_burst, limits.control_rate, limits.control_burst)
+        self.closed: ConnectionClosed | None = None
+
+    # -- bytes in / out ---------------------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        return self._h2.data_to_send()
+
+    def receive_data(self, data: bytes, now: float = 0.0) -> list[Event]:
+        """Feed bytes from the wire. Never raises on bad input: a protocol error or abuse becomes a
+        GOAWAY (queued in `data_to_send`) and a final `ConnectionClosed` event."""
+        if self.closed is not None:
+            return []
+        try:
+            h2_events = self._h2.receive_data(data)
+        except _PROTOCOL_ERRORS as exc:
+            code = getattr(exc, "error_code", None) or ErrorCodes.PROTOCOL_ERROR
+            return [self._goaway(int(code), f"protocol error: {exc}")]
+        events: list[Event] = []
+        for ev in h2_events:
+            self._dispatch(ev, now, events)
+            if self.closed is not None:
+                if not events or not isinstance(events[-1], ConnectionClosed):
+                    events.append(self.closed)
+                break
+        return events
+
+    # -- sending ----------------------------------------------------------------------------------
+
+    def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool = False) -> None:
+        """Queue tunnelled bytes; they leave as the peer's flow-control window allows."""
+        out = self._out.get(stream_id)
+        if out is None or self.closed is not None:
+            return
+        if data:
+            out.chunks.append(memoryview(data))
+            out.size += len(data)
+        if end_stream:
+            out.end_pending = True
+        self._flush(stream_id, out)
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close after everything queued has gone (the TCP side sent FIN)."""
+        self.send_data(stream_id, b"", end_stream=True)
+
+    def buffered(self, stream_id: int) -> int:
+        """Bytes queued for the stream; above `settings.max_send_buffer` the shell stops reading."""
+        out = self._out.get(stream_id)
+        return out.size if out is not None else 0
+
+    def acknowledge(self, stream_id: int, length: int) -> None:
+        """The app consumed `length` flow-controlled bytes: reopen the window (backpressure)."""
+        if self.closed is None and length > 0:
+            with contextlib.suppress(*_PROTOCOL_ERRORS):
+                self._h2.acknowledge_received_data(length, stream_id)
+
+    def reset_stream(self, stream_id: int, error_code: int = ErrorCodes.CANCEL) -> None:
+        """Abort one tunnel (the TCP side was reset or failed)."""
+        self._out.pop(stream_id, None)
+        if self.closed is None:
+            with contextlib.suppress(*_PROTOCOL_ERRORS):
+                self._h2.reset_stream(stream_id, error_code)
+
+    def ping(self, payload: bytes) -> None:
+        """Keepalive (§1.5); payload is 8 bytes chosen by the shell."""
+        if self.closed is None:
+            self._h2.ping(payload)
+
+    def close(self, error_code: int = ErrorCodes.NO_ERROR, reason: str = "") -> None:
+        """Send GOAWAY; streams already open may finish (graceful drain, security.md rule 19)."""
+        if self.closed is None:
+            self._goaway(error_code, reason, remote=False)
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._out)
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _goaway(
+        self, error_code: int, reason: str, remote: bool = False, last_stream_id: int | None = None
+    ) -> ConnectionClosed:
+        if not remote:
+            with contextlib.suppress(*_PROTOCOL_ERRORS):
+                self._h2.close_connection(error_code=error_code, additional_data=reason.encode()[:256])
+        self.closed = ConnectionClosed(error_code, reason, remote=remote, last_stream_id=last_stream_id)
+        self._out.clear()
+        return self.closed
+
+    def _flush(self, stream_id: int, out: _Outbound) -> bool:
+        """Send as much of the stream's queue as the windows allow; True if it emptied."""
+        conn = self._h2
+        try:
+            while out.chunks:
+                window = conn.local_flow_control_window(stream_id)
+                if window <= 0:
+                    out.was_blocked = True
+                    return False
+                limit = min(window, conn.max_outbound_frame_size)
+                chunk = out.chunks[0]
+                if len(chunk) <= limit:
+                    out.chunks.popleft()
+                else:
+                    out.chunks[0] = chunk[limit:]
+                    chunk = chunk[:limit]
+                out.size -= len(chunk)
+                last = out.end_pending and not out.chunks
+                conn.send_data(stream_id, chunk, end_stream=last)
+                if last:
+                    self._sent_end(stream_id)
+                    return True
+            if out.end_pending:
+                conn.end_stream(stream_id)
+                self._sent_end(stream_id)
+        except _PROTOCOL_ERRORS:
+            self._out.pop(stream_id, None)
+        return True
+
+    def _sent_end(self, stream_id: int) -> None:
+        out = self._out.get(stream_id)
+        if out is not None:
+            out.end_pending = False
+            if stream_id in self._remote_ended:
+                self._forget(stream_id)
+
+    def _forget(self, stream_id: int) -> None:
+        self._out.pop(stream_id, None)
+        self._remote_ended.discard(stream_id)
+
+    def _flush_all(self, events: list[Event]) -> None:
+        for sid, out in list(self._out.items()):
+            if out.chunks or out.end_pending:
+                was_blocked = out.was_blocked
+                if self._flush(sid, out) and was_blocked:
+                    out.was_blocked = False
+                    events.append(StreamDrained(sid))
+
+    def _over_budget(self, bucket: _TokenBucket, now: float, what: str) -> bool:
+        if bucket.take(now):
+            return False
+        self._goaway(ErrorCodes.ENHANCE_YOUR_CALM, f"too many {what}")
+        return True
+
+    def _dispatch(self, ev: h2.events.Event, now: float, events: list[Event]) -> None:
+        if isinstance(ev, h2.events.DataReceived):
+            sid = ev.stream_id
+            length = ev.flow_controlled_length or 0
+            if sid in self._out:
+                events.append(StreamData(sid, ev.data or b"", length))
+            elif length:
+                self._h2.acknowledge_received_data(length, sid)
+        elif isinstance(ev, h2.events.StreamEnded):
+            if ev.stream_id in self._out:
+                events.append(StreamEnd(ev.stream_id))
+                out = self._out[ev.stream_id]
+                self._remote_ended.add(ev.stream_id)
+                if not out.chunks and not out.end_pending and self._h2_local_closed(ev.stream_id):
+                    self._forget(ev.stream_id)
+        elif isinstance(ev, h2.events.StreamReset):
+            known = self._out.pop(ev.stream_id, None) is not None
+            self._remote_ended.discard(ev.stream_id)
+            if ev.remote_reset and self._over_budget(self._resets, now, "stream resets"):
+                return
+            if known:
+                events.append(StreamReset(ev.stream_id, int(ev.error_code or 0), bool(ev.remote_reset)))
+        elif isinstance(ev, h2.events.WindowUpdated):
+            self._flush_all(events)
+        elif isinstance(ev, h2.events.RemoteSettingsChanged):
+            if self._over_budget(self._control, now, "SETTINGS frames"):
+                return
+            max_streams = self._h2.remote_settings.max_concurrent_streams
+            events.append(PeerSettingsChanged(int(max_streams)))
+            self._flush_all(events)
+        elif isinstance(ev, _CONTROL_EVENTS):
+            self._over_budget(self._control, now, "control frames")
+        elif isinstance(ev, h2.events.PingAckReceived):
+            events.append(PingAcknowledged(bytes(ev.ping_data or b"")))
+        elif isinstance(ev, h2.events.ConnectionTerminated):
+            reason = (ev.additional_data or b"").decode("utf-8", "replace")
+            events.append(
+                self._goaway(
+                    int(ev.error_code or 0), reason or "peer sent GOAWAY", True, ev.last_stream_id
+                )
+            )
+        else:
+            self._dispatch_role(ev, now, events)
+
+    def _h2_local_closed(self, stream_id: int) -> bool:
+        stream = self._h2.streams.get(stream_id)
+        return stream is None or stream.closed
+
+    def _dispatch_role(self, ev: h2.events.Event, now: float, events: list[Event]) -> None:
+        """Role-specific events (request on the server, response on the client)."""
+
+
+def _header_map(headers: list[Header]) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    for key, value in headers:
+        out.setdefault(bytes(key), bytes(value))
+    return out
+
+
+class HboneServerConnection(_HboneConnection):
+    """Server side of an HBONE connection (port 15008, §1.4)."""
+
+    def __init__(
+        self, settings: HboneSettings = SERVER_SETTINGS, limits: AbuseLimits | None = None
+    ) -> None:
+        super().__init__(client_side=False, settings=settings, limits=limits or AbuseLimits())
+
+    def respond(self, stream_id: int, status: int = 200, headers: list[Header] | None = None) -> None:
+        """Answer a `ConnectRequest`. §1.4 step 9: the 200 goes out only after the upstream connect
+        succeeded; any other status ends the stream."""
+        if stream_id not in self._out or self.closed is not None:
+            return
+        response = [(b":status", str(status).encode()), *(headers or [])]
+        ok = status == 200
+        try:
+            self._h2.send_headers(stream_id, response, end_stream=not ok)
+        except _PROTOCOL_ERRORS:
+            self._forget(stream_id)
+            return
+        if not ok:
+            self._forget(stream_id)
+
+    def reject(self, stream_id: int, status: int, reason: str) -> None:
+        """Refuse a stream with `status`; `reason` is for the shell's log (ztunnel sends no body)."""
+        del reason
+        self.respond(stream_id, status)
+
+    def _refuse(self, stream_id: int, status: int, reason: str, now: float, events: list[Event]) -> None:
+        self._out[stream_id] = _Outbound()
+        self.respond(stream_id, status)
+        events.append(RequestRejected(stream_id, status, reason))
+        self._over_budget(self._resets, now, "refused streams")
+
+    def _dispatch_role(self, ev: h2.events.Event, now: float, events: list[Event]) -> None:
+        if isinstance(ev, h2.events.RequestReceived) and ev.stream_id is not None:
+            sid = ev.stream_id
+            headers = [(bytes(k), bytes(v)) for k, v in (ev.headers or [])]
+            hmap = _header_map(headers)
+            method = hmap.get(b":method", b"")
+            if method != b"CONNECT":
+                name = method.decode("ascii", "backslashreplace")
+                self._refuse(sid, 400, f"expected method CONNECT, got {name}", now, events)
+                return
+            try:
+                authority = parse_authority(hmap.get(b":authority", b""))
+            except AuthorityError as exc:
+                self._refuse(sid, 400, exc.message, now, events)
+                return
+            self._out[sid] = _Outbound()
+            extra = tuple(h for h in headers if not h[0].startswith(b":"))
+            events.append(ConnectRequest(sid, authority, extra))
+
+
+class HboneClientConnection(_HboneConnection):
+    """Client side of an HBONE connection (the pool's unit, §1.5)."""
+
+    def __init__(
+        self,
+        settings: HboneSettings = CLIENT_SETTINGS,
+        limits: AbuseLimits | None = None,
+        max_streams: int = 100,
+    ) -> None:
+        self._max_streams = max_streams
+        self._opened = 0
+        super().__init__(client_side=True, settings=settings, limits=limits or AbuseLimits())
+
+    def open_connect(self, authority: HboneAuthority | str, headers: list[Header] | None = None) -> int:
+        """Send a CONNECT for `authority` (`ip:port`, §1.2); returns the new stream id."""
+        if self.closed is not None:
+            raise h2.exceptions.ProtocolError("connection is closed")
+        sid = self._h2.get_next_available_stream_id()
+        self._h2.send_headers(sid, connect_request_headers(authority, headers))
+        self._out[sid] = _Outbound()
+        self._opened += 1
+        return sid
+
+    @property
+    def capacity(self) -> int:
+        """Streams this connection may still open: ≤ our cap, ≤ the server's SETTINGS (§1.5)."""
+        if self.closed is not None:
+            return 0
+        peer_max = int(self._h2.remote_settings.max_concurrent_streams)
+        return max(0, min(self._max_streams, peer_max) - self._h2.open_outbound_streams)
+
+    def _dispatch_role(self, ev: h2.events.Event, now: float, events: list[Event]) -> None:
+        if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id is not None:
+            sid = ev.stream_id
+            headers = [(bytes(k), bytes(v)) for k, v in (ev.headers or [])]
+            try:
+                status = int(_header_map(headers).get(b":status", b"0"))
+            except ValueError:
+                status = 0
+            if sid not in self._out:
+                return
+            extra = tuple(h for h in headers if not h[0].startswith(b":"))
+            events.append(ConnectResponse(sid, status, extra))
+            if status != 200:
+                self.reset_stream(sid, ErrorCodes.NO_ERROR)
