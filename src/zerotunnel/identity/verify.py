@@ -230,11 +230,19 @@ def _diagnose(
             break
         nxt = next((c for i, c in enumerate(intermediates) if i not in used and signed_by(current, c)), None)
         if nxt is None:
-            if any(c.subject == current.issuer for c in (*intermediates, *roots)):
+            if any(c.subject == current.issuer for c in intermediates):
                 return VerificationError(
                     Reason.BROKEN_CHAIN,
                     f"the signature on {_describe(current)} does not "
                     f"verify with the key of its named issuer {current.issuer.rfc4514_string()!r}",
+                )
+            if any(r.subject == current.issuer for r in roots):
+                # Every Istio root of a trust domain is named `O=<td>`: a same-named root whose key
+                # does not verify is another CA, not a damaged chain.
+                return VerificationError(
+                    Reason.UNKNOWN_ROOT,
+                    f"{_describe(current)} was signed by a CA named {current.issuer.rfc4514_string()!r} "
+                    f"whose key is not among the roots trusted for {trust_domain}",
                 )
             if signed_by(current, current):
                 return VerificationError(
