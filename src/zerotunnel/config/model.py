@@ -510,9 +510,7 @@ class Config:
         return next((p for p in self.pods if p.meta.namespace == namespace and p.meta.name == name), None)
 
     def service(self, namespace: str, name: str) -> Service | None:
-        return next(
-            (s for s in self.services if s.meta.namespace == namespace and s.meta.name == name), None
-        )
+        return next((s for s in self.services if s.meta.namespace == namespace and s.meta.name == name), None)
 
     def secret(self, namespace: str, name: str) -> Secret | None:
         return next((s for s in self.secrets if s.meta.namespace == namespace and s.meta.name == name), None)
