@@ -9,9 +9,9 @@ What the ruleset keeps from the golden (`cni/pkg/iptables/testdata/default.golde
 - nat PREROUTING: TCP from the kubelet probe address 169.254.7.127 is accepted untouched; every other
   inbound TCP not to 127.0.0.1, not to 15008 and not marked 0x539/0xfff is REDIRECTed to 15006;
 - nat OUTPUT: TCP to 169.254.7.127 is accepted; traffic leaving through `lo` to anything but
-  127.0.0.1 (the pod calling its own IP) is accepted so it comes back in through PREROUTING and is
-  captured as inbound; every other TCP not to 127.0.0.1 and not marked 0x539/0xfff is REDIRECTed
-  to 15001.
+  127.0.0.1 (the pod calling its own IP) is accepted, and since NAT is decided once per connection
+  (at OUTPUT here) PREROUTING never sees it again: a pod calling itself reaches its app directly,
+  as in Istio; every other TCP not to 127.0.0.1 and not marked 0x539/0xfff is REDIRECTed to 15001.
 Both address families are covered (`::1` plays 127.0.0.1's part for IPv6).
 
 What it leaves out, and why:
