@@ -102,6 +102,9 @@ class _Yaml12Constructor(yaml.constructor.SafeConstructor):
 
 
 _Yaml12Constructor.add_constructor(  # type: ignore[type-var]
+    "tag:yaml.org,2002:timestamp", _Yaml12Constructor.construct_yaml_str
+)
+_Yaml12Constructor.add_constructor(  # type: ignore[type-var]
     "tag:yaml.org,2002:bool", _Yaml12Constructor.construct_yaml_bool
 )
 _Yaml12Constructor.add_constructor(  # type: ignore[type-var]
@@ -154,7 +157,43 @@ def _yaml_message(exc: yaml.YAMLError) -> str:
         problem = exc.problem or "invalid YAML"
         context = f" ({exc.context})" if exc.context else ""
         return f"invalid YAML: {_mark(exc.problem_mark)}{problem}{context}"
-    return f"invalid YAML: {exc}"
+    if isinstance(exc, yaml.reader.ReaderError):
+        return f"invalid YAML: character #x{exc.character:04x} at position {exc.position} is not allowed"
+    return "invalid YAML: " + " ".join(str(exc).split())
+
+
+MAX_EXPANDED_NODES = 1_000_000
+"""Aliases let a few lines of YAML stand for billions of nodes ("billion laughs"); Kubernetes caps
+alias expansion too. A real manifest is far below this."""
+
+
+class _AliasError(ValueError):
+    pass
+
+
+def _check_expansion(data: Any) -> None:
+    """Reject a document whose aliases expand past MAX_EXPANDED_NODES or refer to themselves."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (list, dict)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise _AliasError("an alias refers to the node that contains it")
+        active.add(key)
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        total = 1 + sum(size(child) for child in children)
+        active.discard(key)
+        if total > MAX_EXPANDED_NODES:
+            raise _AliasError(f"aliases expand to more than {MAX_EXPANDED_NODES} nodes")
+        sizes[key] = total
+        return total
+
+    size(data)
 
 
 def _reject_duplicate_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -180,20 +219,26 @@ def parse_documents(name: str, text: str) -> tuple[list[ParsedDocument], ParseFa
         return ([ParsedDocument(0, data)] if data is not None else []), None
 
     docs: list[ParsedDocument] = []
-    loader = Yaml12Loader(text)
     index = 0
+    loader: Yaml12Loader | None = None
     try:
+        loader = Yaml12Loader(text)
         while loader.check_data():  # type: ignore[no-untyped-call]
             data = loader.get_data()
             if data is not None:
+                _check_expansion(data)
                 docs.append(ParsedDocument(index, data))
             index += 1
     except yaml.YAMLError as exc:
         return docs, ParseFailure(index, _yaml_message(exc))
     except RecursionError:
         return docs, ParseFailure(index, "invalid YAML: nested too deeply")
-    except (ValueError, TypeError, OverflowError) as exc:
-        return docs, ParseFailure(index, f"invalid YAML: {exc}")
+    except Exception as exc:
+        # PyYAML's constructors are not hardened against every malformed explicit tag (`!!omap`,
+        # `!!timestamp` on odd text raise AttributeError/TypeError); whatever it raises on user
+        # text is a problem with that text, reported like any other.
+        return docs, ParseFailure(index, "invalid YAML: " + " ".join(str(exc).split()))
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return docs, None
