@@ -39,10 +39,12 @@ def _pem(cert: x509.Certificate) -> bytes:
 
 def load_certs(pem: bytes, what: str) -> list[x509.Certificate]:
     """Every certificate in a PEM blob; CaError naming `what` when there is none or one is malformed."""
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise CaError(f"{what}: no PEM certificate found")
     try:
         certs = x509.load_pem_x509_certificates(pem)
-    except ValueError as exc:
-        raise CaError(f"{what}: not PEM certificates ({exc})") from None
+    except ValueError:
+        raise CaError(f"{what}: malformed PEM certificate") from None
     return certs
 
 

@@ -34,6 +34,8 @@ def validate_trust_domain(td: str) -> str | None:
     """Return why `td` is not a SPIFFE trust domain name, or None when it is one (§3.4)."""
     if not td:
         return "trust domain is missing"
+    if td.startswith("["):
+        return "trust domain must not be an IPv6 address"
     for char, what in (("@", "userinfo"), (":", "a port"), ("%", "percent-encoding")):
         if char in td:
             return f"trust domain must not contain {what}"

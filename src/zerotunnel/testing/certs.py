@@ -131,6 +131,13 @@ def build_leaf(
             critical=True,
         )
     )
+    try:
+        ski = issuer.signing_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+    except x509.ExtensionNotFound:
+        pass
     if names:
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=True)
     if ekus is not None:
