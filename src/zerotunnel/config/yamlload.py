@@ -4,7 +4,8 @@ DESIGN.md §6 warns about YAML 1.1 booleans: PyYAML's SafeLoader turns `yes`/`no
 booleans, `1:30` into 90, `012` into 10 and unquoted dates into datetimes. Kubernetes (sigs.k8s.io/yaml)
 reads all of those as strings, so a manifest that works with kubectl must mean the same here. The loader
 below starts from an empty resolver table and registers only the YAML 1.2 core schema: null, true/false,
-decimal/0o/0x integers and floats. Duplicate keys are rejected instead of silently keeping the last one.
+decimal/0o/0x integers and floats (plus `<<` merge keys, which Kubernetes' YAML library also
+honours). Duplicate keys are rejected instead of silently keeping the last one.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class _Yaml12Resolver(yaml.resolver.Resolver):
     yaml_implicit_resolvers: dict[str | None, list[tuple[str, re.Pattern[str]]]] = {}  # noqa: RUF012 (PyYAML's class-level table)
 
 
+_Yaml12Resolver.add_implicit_resolver("tag:yaml.org,2002:merge", re.compile(r"^(?:<<)$"), ["<"])
 _Yaml12Resolver.add_implicit_resolver(
     "tag:yaml.org,2002:null", re.compile(r"^(?:~|null|Null|NULL|)$"), ["~", "n", "N", ""]
 )
