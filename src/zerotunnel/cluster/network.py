@@ -30,6 +30,7 @@ from zerotunnel.errors import InputError
 from zerotunnel.node.capture import removal_ruleset, run_nft
 
 SERVICE_TABLE = "zerotunnel-svc"
+RESOLV_CONF = "# written by zerotunnel: names resolve from /etc/hosts only\nnameserver 127.0.0.1\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,19 +220,27 @@ def render_hosts_file(names: Mapping[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_hosts_file(netns_name: str, names: Mapping[str, str], *, etc_netns: Path | None = None) -> Path:
+def write_hosts_file(
+    netns_name: str, names: Mapping[str, str], *, etc_netns: Path | None = None, resolv_conf: bool = True
+) -> Path:
     """Write /etc/netns/<netns>/hosts, which `ip netns exec` bind-mounts over /etc/hosts.
 
-    Written to a temporary file and renamed, so a process starting meanwhile never reads half a file.
+    With `resolv_conf`, also a resolv.conf pointing at 127.0.0.1, where nothing answers: a name
+    that is not in the hosts file then fails at once inside the pod, instead of waiting seconds
+    for the host's resolver, which a pod has no route to. Files are written to a temporary name
+    and renamed, so a process starting meanwhile never reads half a file.
     """
     root = etc_netns if etc_netns is not None else ns.ETC_NETNS_DIR
     directory = root / netns_name
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / "hosts"
-    tmp = directory / ".hosts.tmp"
-    tmp.write_text(render_hosts_file(names))
-    tmp.replace(target)
-    return target
+    files = {"hosts": render_hosts_file(names)}
+    if resolv_conf:
+        files["resolv.conf"] = RESOLV_CONF
+    for name, text in files.items():
+        tmp = directory / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(directory / name)
+    return directory / "hosts"
 
 
 # --- service VIP DNAT for pods outside the mesh ---------------------------------------------------
