@@ -288,6 +288,7 @@ KIND_CASES = [
                     from_params=("token",),
                     forward_original_token=True,
                     output_payload_to_header="x-payload",
+                    output_claim_to_headers=(("x-sub", "sub"),),
                 ),
             )
         ),
@@ -995,6 +996,61 @@ def test_real_world_manifests_load_unchanged() -> None:
             """,
             "spec.trustDomain",
             "accepted: a SPIFFE trust domain",
+        ),
+        (
+            """
+            apiVersion: v1
+            kind: ServiceAccount
+            metadata: {name: My_SA}
+            """,
+            "metadata.name",
+            "'My_SA' is not a valid name; accepted: lower-case letters, digits, '-' and '.'",
+        ),
+        (
+            """
+            apiVersion: v1
+            kind: Namespace
+            metadata: {name: a.b}
+            """,
+            "metadata.name",
+            "'a.b' is not a valid name; accepted: lower-case letters, digits and '-'",
+        ),
+        (
+            """
+            apiVersion: v1
+            kind: ServiceAccount
+            metadata: {name: a, namespace: Demo}
+            """,
+            "metadata.namespace",
+            "'Demo' is not a valid name",
+        ),
+        (
+            """
+            apiVersion: v1
+            kind: Pod
+            metadata: {name: p}
+            spec: {serviceAccountName: "sa/../x", containers: [{name: c}]}
+            """,
+            "spec.serviceAccountName",
+            "is not a valid name",
+        ),
+        (
+            """
+            apiVersion: v1
+            kind: Namespace
+            metadata: {name: a, labels: {"bad key!": x}}
+            """,
+            'metadata.labels["bad key!"]',
+            "is not a valid label key",
+        ),
+        (
+            """
+            apiVersion: v1
+            kind: Namespace
+            metadata: {name: a, labels: {app: "has space"}}
+            """,
+            "metadata.labels.app",
+            "'has space' is not a valid label value",
         ),
         (
             """

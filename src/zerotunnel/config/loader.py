@@ -268,6 +268,44 @@ def _check_port(doc: _Doc, loc: Loc, port: int | None) -> None:
 # ------------------------------------------------------------------------------------- converters
 
 
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_SUBDOMAIN_RULE = "lower-case letters, digits, '-' and '.', starting and ending with a letter or digit"
+
+
+def _check_name(doc: _Doc, loc: Loc, value: str, *, label: bool = False) -> bool:
+    """Kubernetes object names: a DNS-1123 subdomain (≤ 253), or a DNS-1123 label (≤ 63) for
+    namespaces. They end up in SPIFFE IDs and DNS names, so a bad one is rejected here, as the API
+    server would."""
+    limit, pattern = (63, _DNS_LABEL) if label else (253, _DNS_SUBDOMAIN)
+    if len(value) <= limit and pattern.match(value):
+        return True
+    rule = _SUBDOMAIN_RULE.replace(", '-' and '.'", " and '-'") if label else _SUBDOMAIN_RULE
+    doc.report(loc, f"{value!r} is not a valid name; accepted: {rule}, at most {limit} characters")
+    return False
+
+
+def _check_labels(doc: _Doc, loc: Loc, labels: Mapping[str, str]) -> None:
+    """Kubernetes label syntax: `[prefix/]name` keys and short values (selectors compare them)."""
+    for key, value in labels.items():
+        prefix, _, name = key.rpartition("/")
+        if (prefix and not (len(prefix) <= 253 and _DNS_SUBDOMAIN.match(prefix))) or not (
+            len(name) <= 63 and _LABEL_NAME.match(name)
+        ):
+            doc.report(
+                (*loc, key),
+                "is not a valid label key; accepted: an optional DNS-subdomain prefix and '/', then at most "
+                "63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
+            )
+        elif value and not (len(value) <= 63 and _LABEL_NAME.match(value)):
+            doc.report(
+                (*loc, key),
+                f"{value!r} is not a valid label value; accepted: empty, or at most 63 letters, digits, "
+                "'-', '_' or '.', starting and ending with a letter or digit",
+            )
+
+
 def _meta(doc: _Doc, kind: _Kind, data: s.Document, order: int) -> m.ObjectMeta | None:
     meta = data.metadata or s.ObjectMetaSchema()
     name = meta.name
@@ -277,6 +315,10 @@ def _meta(doc: _Doc, kind: _Kind, data: s.Document, order: int) -> m.ObjectMeta 
         else:
             doc.report(("metadata", "name"), "required field is missing")
             return None
+    _check_name(doc, ("metadata", "name"), name, label=kind.kind == "Namespace")
+    if kind.namespaced and meta.namespace:
+        _check_name(doc, ("metadata", "namespace"), meta.namespace, label=True)
+    _check_labels(doc, ("metadata", "labels"), meta.labels or {})
     created = None
     if meta.creationTimestamp is not None:
         created = _parse_timestamp(meta.creationTimestamp)
@@ -440,6 +482,8 @@ def _request_authentication(doc: _Doc, meta: m.ObjectMeta, data: s.RequestAuthen
                 from_params=_tuple(r.fromParams),
                 forward_original_token=bool(r.forwardOriginalToken),
                 output_payload_to_header=r.outputPayloadToHeader,
+                output_claim_to_headers=tuple((h.header, h.claim) for h in r.outputClaimToHeaders or ()),
+                from_cookies=_tuple(r.fromCookies),
             )
         )
     return m.RequestAuthentication(
@@ -470,6 +514,10 @@ def _pod(doc: _Doc, meta: m.ObjectMeta, data: s.PodDoc) -> Any:
     spec = data.spec
     if not spec.containers:
         doc.report(("spec", "containers"), "must list at least one container")
+    for field_name in ("serviceAccountName", "serviceAccount"):
+        value = getattr(spec, field_name)
+        if value:
+            _check_name(doc, ("spec", field_name), value)
     return m.Pod(
         meta=meta,
         service_account=spec.serviceAccountName or spec.serviceAccount or "default",
@@ -522,6 +570,9 @@ def _workload_entry(doc: _Doc, meta: m.ObjectMeta, data: s.WorkloadEntryDoc) -> 
     spec = data.spec or s.WorkloadEntrySpec()
     for name, port in (spec.ports or {}).items():
         _check_port(doc, ("spec", "ports", name), port)
+    if spec.serviceAccount:
+        _check_name(doc, ("spec", "serviceAccount"), spec.serviceAccount)
+    _check_labels(doc, ("spec", "labels"), spec.labels or {})
     return m.WorkloadEntry(
         meta=meta,
         address=spec.address,
@@ -550,6 +601,8 @@ def _server_tls(tls: s.ServerTlsSchema) -> m.ServerTLS:
         min_protocol_version=tls.minProtocolVersion or "TLS_AUTO",
         max_protocol_version=tls.maxProtocolVersion or "TLS_AUTO",
         cipher_suites=_tuple(tls.cipherSuites),
+        ca_cert_credential_name=tls.caCertCredentialName,
+        insecure_skip_verify=bool(tls.insecureSkipVerify),
     )
 
 

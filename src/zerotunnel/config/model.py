@@ -289,6 +289,8 @@ class JwtRule:
     from_params: tuple[str, ...] = ()
     forward_original_token: bool = False
     output_payload_to_header: str | None = None
+    output_claim_to_headers: tuple[tuple[str, str], ...] = ()  # (header, claim)
+    from_cookies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +348,8 @@ class ServerTLS:
     min_protocol_version: str = "TLS_AUTO"
     max_protocol_version: str = "TLS_AUTO"
     cipher_suites: tuple[str, ...] = ()
+    ca_cert_credential_name: str | None = None
+    insecure_skip_verify: bool = False
 
 
 @dataclass(frozen=True, slots=True)
