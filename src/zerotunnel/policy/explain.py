@@ -151,6 +151,30 @@ def _source(config: Config, q: CheckQuery, warnings: list[str]) -> tuple[str | N
     return None, q.from_ip or PLACEHOLDER_SRC_IP, "plaintext client"
 
 
+def _forced_waypoint(
+    config: Config, dst: Pod, svc: Service | None, binding: WaypointBinding | None, warnings: list[str]
+) -> WaypointBinding:
+    """`--via waypoint` with no label binding the destination: use the one waypoint of its namespace,
+    saying that the real traffic would not take this path."""
+    ns = dst.meta.namespace
+    candidates = [g for g in config.k8s_gateways if g.is_waypoint and g.meta.namespace == ns]
+    note = binding.note if binding else "no istio.io/use-waypoint label on its namespace, service or pod"
+    if len(candidates) != 1:
+        found = "none" if not candidates else ", ".join(g.meta.name for g in candidates)
+        raise InputError(
+            f"--via waypoint: no waypoint serves {ns}/{dst.meta.name} ({note}); waypoints in {ns}: {found}"
+        )
+    gw = candidates[0]
+    warnings.append(
+        f"--via waypoint: {note}; evaluating through waypoint {ns}/{gw.meta.name} although real "
+        "traffic would "
+        "not be sent there"
+    )
+    return WaypointBinding(
+        gw, (ns, gw.meta.name), "flag", "service" if svc else "workload", "forced by --via"
+    )
+
+
 def explain(
     config: Config,
     q: CheckQuery,
@@ -179,10 +203,7 @@ def explain(
     if q.via != "ztunnel":
         binding = waypoint_for(config, dst, svc[0] if svc else None)
         if q.via == "waypoint" and (binding is None or binding.gateway is None):
-            note = (
-                binding.note if binding else "no istio.io/use-waypoint label on its namespace, service or pod"
-            )
-            raise InputError(f"--via waypoint: no waypoint serves {dst_label} ({note})")
+            binding = _forced_waypoint(config, dst, svc[0] if svc else None, binding, warnings)
         if binding is not None and binding.gateway is None:
             warnings.append(binding.note)
         if binding is not None and binding.gateway is not None and identity is None and q.via == "auto":
