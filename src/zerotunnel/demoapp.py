@@ -98,7 +98,7 @@ def decide(app_name: str, request: RequestInfo, peer: str, local: str) -> Reply:
         return Reply(200, _TEXT, b"ok\n")
     status = 200
     if path.startswith(_STATUS_PREFIX):
-        code = path[len(_STATUS_PREFIX):]
+        code = path[len(_STATUS_PREFIX) :]
         if not (code.isascii() and code.isdigit() and len(code) == 3 and 200 <= int(code) <= 599):
             return Reply(400, _TEXT, b"/status/<code> needs a code between 200 and 599\n")
         status = int(code)
@@ -305,7 +305,8 @@ class DemoAppProtocol(asyncio.Protocol):
             reason = _reason(status)
             self._transport.write(
                 b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\nconnection: close\r\n"
-                b"server: %s\r\n\r\n%s" % (status, reason, _TEXT, len(body), _SERVER, body))
+                b"server: %s\r\n\r\n%s" % (status, reason, _TEXT, len(body), _SERVER, body)
+            )
         self._log_request("-", "-", status)
         self._close_transport()
 
@@ -379,8 +380,11 @@ class DemoAppProtocol(asyncio.Protocol):
         )
         reply = decide(self._app_name, info, self._peer, self._local)
         body = b"" if reply.status in _NO_BODY_STATUSES or info.method == "HEAD" else reply.body
-        headers = [(b":status", str(reply.status).encode()), (b"content-type", reply.content_type),
-                   (b"server", _SERVER)]
+        headers = [
+            (b":status", str(reply.status).encode()),
+            (b"content-type", reply.content_type),
+            (b"server", _SERVER),
+        ]
         if reply.status not in _NO_BODY_STATUSES:
             headers.append((b"content-length", str(len(reply.body)).encode()))
         try:
@@ -467,8 +471,9 @@ async def start_demo_app(
     sink = log if log is not None else _discard
     connections: set[DemoAppProtocol] = set()
     try:
-        server = await loop.create_server(lambda: DemoAppProtocol(name, sink, connections), host, port,
-                                          reuse_address=True, backlog=1024)
+        server = await loop.create_server(
+            lambda: DemoAppProtocol(name, sink, connections), host, port, reuse_address=True, backlog=1024
+        )
     except OSError as exc:
         raise DemoAppError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     return DemoAppServer(server, connections)
@@ -478,8 +483,14 @@ def _discard(_line: str) -> None:
     return None
 
 
-async def run_demo_app(host: str, port: int, name: str, *, log: Callable[[str], None] | None,
-                       announce: Callable[[str], None] | None = None) -> None:
+async def run_demo_app(
+    host: str,
+    port: int,
+    name: str,
+    *,
+    log: Callable[[str], None] | None,
+    announce: Callable[[str], None] | None = None,
+) -> None:
     """Serves until SIGTERM or SIGINT, then stops listening, closes every connection and returns."""
     app = await start_demo_app(host, port, name, log=log)
     stop = asyncio.Event()

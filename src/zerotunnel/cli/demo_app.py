@@ -30,10 +30,19 @@ def _announce(line: str) -> None:
 
 
 @click.command("demo-app")
-@click.option("--port", "-p", type=click.IntRange(0, 65535), required=True,
-              help="TCP port to listen on (0 picks a free one and prints it).")
-@click.option("--host", default="0.0.0.0", show_default=True,  # noqa: S104 - a pod's app serves its pod IP
-              help="Address to listen on.")
+@click.option(
+    "--port",
+    "-p",
+    type=click.IntRange(0, 65535),
+    required=True,
+    help="TCP port to listen on (0 picks a free one and prints it).",
+)
+@click.option(
+    "--host",
+    default="0.0.0.0",  # noqa: S104 - a pod's app must answer on its pod IP, whatever it is
+    show_default=True,
+    help="Address to listen on.",
+)
 @click.option("--name", default=None, help="Name reported in every response [default: $HOSTNAME].")
 @click.option("--quiet", "-q", is_flag=True, help="Do not print a line per request (benchmarks).")
 def demo_app(port: int, host: str, name: str | None, quiet: bool) -> None:
