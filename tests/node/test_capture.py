@@ -216,15 +216,15 @@ def test_pod_calling_its_own_ip_goes_straight_to_the_app(captured: NetworkPlan) 
 def test_ipv6_outbound_original_dst(captured: NetworkPlan) -> None:
     """IP6T_SO_ORIGINAL_DST: an IPv6 app connection redirected to [::1]:15001 (nothing leaves the pod)."""
     a = captured.pod("ns1", "a")
-    subprocess.run(["ip", "-n", a.netns, "-6", "route", "add", "fd00:7a::/64", "dev", "eth0"], check=True)
+    subprocess.run(["ip", "-n", a.netns, "-6", "route", "add", "2001:db8:7a::/64", "dev", "eth0"], check=True)
     try:
         with open_listener_in_netns(a.netns, "::", 15001) as outbound, \
-                connect_in_netns(a.netns, ("fd00:7a::5", 8080), mark=None, timeout=TIMEOUT):
+                connect_in_netns(a.netns, ("2001:db8:7a::5", 8080), mark=None, timeout=TIMEOUT):
             conn, _ = _accept(outbound)
             with conn:
-                assert original_dst(conn) == ("fd00:7a::5", 8080)
+                assert original_dst(conn) == ("2001:db8:7a::5", 8080)
     finally:
-        subprocess.run(["ip", "-n", a.netns, "-6", "route", "del", "fd00:7a::/64", "dev", "eth0"], check=True)
+        subprocess.run(["ip", "-n", a.netns, "-6", "route", "del", "2001:db8:7a::/64", "dev", "eth0"], check=True)
 
 
 @pytest.mark.e2e
