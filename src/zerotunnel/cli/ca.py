@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import json
 import re
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -311,7 +312,9 @@ def verify(
             click.echo(json.dumps({"valid": False, "reason": exc.reason, "message": exc.detail}))
         else:
             click.echo(f"invalid: {exc.reason}: {exc.detail}")
-        raise click.exceptions.Exit(1) from None
+        # SystemExit, not click's Exit: with standalone_mode=False click *returns* an Exit's code,
+        # and cli.main.main() discards that return value.
+        sys.exit(1)
     result = {
         "valid": True,
         "spiffe_id": str(peer.spiffe_id),
