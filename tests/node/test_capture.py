@@ -22,6 +22,7 @@ from zerotunnel.cluster.network import create_network, destroy_network
 from zerotunnel.cluster.topology import NetworkPlan, PodSpec, plan_network
 from zerotunnel.node.capture import (
     NetnsError,
+    NetnsHandle,
     capture_installed,
     capture_ruleset,
     connect_in_netns,
@@ -216,7 +217,8 @@ def test_pod_calling_its_own_ip_goes_straight_to_the_app(captured: NetworkPlan) 
 def test_ipv6_outbound_original_dst(captured: NetworkPlan) -> None:
     """IP6T_SO_ORIGINAL_DST: an IPv6 app connection redirected to [::1]:15001 (nothing leaves the pod)."""
     a = captured.pod("ns1", "a")
-    subprocess.run(["ip", "-n", a.netns, "-6", "route", "add", "2001:db8:7a::/64", "dev", "eth0"], check=True)
+    route = ["2001:db8:7a::/64", "dev", "eth0"]
+    subprocess.run(["ip", "-n", a.netns, "-6", "route", "add", *route], check=True)
     try:
         with open_listener_in_netns(a.netns, "::", 15001) as outbound, \
                 connect_in_netns(a.netns, ("2001:db8:7a::5", 8080), mark=None, timeout=TIMEOUT):
@@ -224,7 +226,7 @@ def test_ipv6_outbound_original_dst(captured: NetworkPlan) -> None:
             with conn:
                 assert original_dst(conn) == ("2001:db8:7a::5", 8080)
     finally:
-        subprocess.run(["ip", "-n", a.netns, "-6", "route", "del", "2001:db8:7a::/64", "dev", "eth0"], check=True)
+        subprocess.run(["ip", "-n", a.netns, "-6", "route", "del", *route], check=True)
 
 
 @pytest.mark.e2e
@@ -282,3 +284,25 @@ def test_run_nft_reports_errors(plan: NetworkPlan) -> None:
     a = plan.pod("ns1", "a")
     with pytest.raises(Exception, match="nft failed"):
         run_nft(a.netns, "table inet broken { chain x { nonsense; } }\n")
+
+
+@pytest.mark.e2e
+def test_handle_outlives_the_name() -> None:
+    name = "zt-caph" + secrets.token_hex(3) + "-x"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        handle = NetnsHandle(name)
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=True)
+    with handle:
+        before = _netns_inode()
+        with in_netns(handle):
+            inside = _netns_inode()
+        assert inside != before and _netns_inode() == before
+        with open_listener_in_netns(handle, "127.0.0.1", 15001) as s:  # lo is down: bind still works
+            assert s.getsockname() == ("127.0.0.1", 15001)
+    with pytest.raises(NetnsError, match="closed"), in_netns(handle):
+        pass
+    assert _netns_inode() == before
+    with pytest.raises(NetnsError, match="cannot open"):
+        NetnsHandle(name)

@@ -101,8 +101,41 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+class NetnsHandle:
+    """An open network namespace, usable after its name is gone (like the fd ztunnel gets, spec §2.2).
+
+    Holding one per pod saves opening the namespace file for every socket the proxy creates in it.
+    """
+
+    __slots__ = ("fd", "path")
+
+    def __init__(self, netns: str | os.PathLike[str]) -> None:
+        self.path = netns_path(netns)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise NetnsError(f"cannot open network namespace {self.path}: {exc.strerror}") from exc
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> NetnsHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"NetnsHandle({str(self.path)!r}, fd={self.fd})"
+
+
+Netns = str | os.PathLike[str] | NetnsHandle
+
+
 @contextlib.contextmanager
-def in_netns(netns: str | os.PathLike[str]) -> Iterator[None]:
+def in_netns(netns: Netns) -> Iterator[None]:
     """Run the body with the calling thread in `netns`, and always switch back.
 
     Only this thread moves (network namespaces are per task), so an event-loop thread may use it
@@ -110,26 +143,27 @@ def in_netns(netns: str | os.PathLike[str]) -> Iterator[None]:
     created in for its whole life. Failing to switch back would leave the thread serving the wrong
     network, so that is raised as NetnsError no matter what the body raised.
     """
-    path = netns_path(netns)
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
+        handle = netns if isinstance(netns, NetnsHandle) else NetnsHandle(netns)
         try:
-            target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise NetnsError(f"cannot open network namespace {path}: {exc.strerror}") from exc
-        try:
-            _setns(target)
-        except OSError as exc:
-            raise NetnsError(f"cannot enter network namespace {path}: {exc.strerror}") from exc
+            if handle.fd < 0:
+                raise NetnsError(f"network namespace handle for {handle.path} is closed")
+            try:
+                _setns(handle.fd)
+            except OSError as exc:
+                raise NetnsError(f"cannot enter network namespace {handle.path}: {exc.strerror}") from exc
         finally:
-            os.close(target)
+            if handle is not netns:
+                handle.close()
         try:
             yield
         finally:
             try:
                 _setns(own)
             except OSError as exc:  # pragma: no cover - the kernel refusing our own netns back
-                raise NetnsError(f"cannot return from network namespace {path}: {exc.strerror}") from exc
+                msg = f"cannot return from network namespace {handle.path}: {exc.strerror}"
+                raise NetnsError(msg) from exc
     finally:
         os.close(own)
 
@@ -139,7 +173,7 @@ def _family_of(host: str) -> socket.AddressFamily:
 
 
 def socket_in_netns(
-    netns: str | os.PathLike[str],
+    netns: Netns,
     family: socket.AddressFamily = socket.AF_INET,
     kind: socket.SocketKind = socket.SOCK_STREAM,
 ) -> socket.socket:
@@ -149,7 +183,7 @@ def socket_in_netns(
 
 
 def open_listener_in_netns(
-    netns_path: str | os.PathLike[str],
+    netns_path: Netns,
     host: str,
     port: int,
     *,
@@ -186,7 +220,7 @@ def mark_socket(sock: socket.socket, mark: int = PROXY_MARK) -> None:
 
 
 def connect_in_netns(
-    netns: str | os.PathLike[str],
+    netns: Netns,
     address: tuple[str, int],
     *,
     mark: int | None = PROXY_MARK,
