@@ -42,6 +42,10 @@ class TlsIdentityError(ZerotunnelError):
 
     response_flag = "IDENTITY_ERROR"
 
+    def __init__(self, message: str, *, reason: str = "identity", response_flag: str | None = None) -> None:
+        super().__init__(message, response_flag=response_flag)
+        self.reason = reason  # a short, bounded label for metrics (a verify Reason value or similar)
+
 
 @dataclass(frozen=True, slots=True)
 class WorkloadCredentials:
@@ -128,6 +132,13 @@ def _base_context(purpose: int, creds: WorkloadCredentials) -> ssl.SSLContext:
     return ctx
 
 
+def update_context(ctx: ssl.SSLContext, creds: WorkloadCredentials) -> None:
+    """Rotate a live context in place (new handshakes use the new cert; roots are added). Removed
+    roots are still enforced: the post-handshake re-verification uses `creds.bundle` only."""
+    ctx.load_verify_locations(cadata=creds.roots_pem())
+    _load_chain_and_key(ctx, creds.chain_pem, creds.key_pem)
+
+
 def server_context(creds: WorkloadCredentials) -> ssl.SSLContext:
     """15008's context (§1.6): client cert mandatory, no session tickets at all (rule 5)."""
     ctx = _base_context(ssl.PROTOCOL_TLS_SERVER, creds)
@@ -151,7 +162,9 @@ def peer_certificates(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> tuple[bytes,
     """
     leaf = ssl_object.getpeercert(binary_form=True)
     if not leaf:
-        raise TlsIdentityError("tls error: peer presented no certificate", response_flag="TLS_FAILURE")
+        raise TlsIdentityError(
+            "tls error: peer presented no certificate", reason="no-certificate", response_flag="TLS_FAILURE"
+        )
     extra: list[bytes] = []
     getter = getattr(ssl_object, "get_unverified_chain", None)
     if getter is not None:
@@ -165,7 +178,9 @@ def peer_certificates(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> tuple[bytes,
 
 def _check_alpn(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> None:
     if ssl_object.selected_alpn_protocol() != ALPN_H2:
-        raise TlsIdentityError("tls error: peer did not negotiate ALPN h2", response_flag="TLS_FAILURE")
+        raise TlsIdentityError(
+            "tls error: peer did not negotiate ALPN h2", reason="alpn", response_flag="TLS_FAILURE"
+        )
 
 
 def _intermediates(creds: WorkloadCredentials, extra: Sequence[bytes]) -> list[x509.Certificate | bytes]:
@@ -182,12 +197,15 @@ def verify_client_peer(
     try:
         peer = verify_peer(leaf, _intermediates(creds, extra), creds.bundle, now, None, peer_role="client")
     except VerificationError as exc:
-        raise TlsIdentityError(f"tls error: {exc.message}", response_flag="TLS_FAILURE") from None
+        raise TlsIdentityError(
+            f"tls error: {exc.message}", reason=str(exc.reason), response_flag="TLS_FAILURE"
+        ) from None
     ours = creds.bundle.resolve(creds.identity.trust_domain)
     if creds.bundle.resolve(peer.spiffe_id.trust_domain) != ours:
         raise TlsIdentityError(
             f"tls error: peer did not present the expected trustdomain ({creds.identity.trust_domain}), "
             f"got {peer.spiffe_id.trust_domain}",
+            reason="wrong-trust-domain",
             response_flag="TLS_FAILURE",
         )
     return peer
@@ -205,11 +223,14 @@ def verify_server_peer(
     try:
         peer = verify_peer(leaf, _intermediates(creds, extra), creds.bundle, now, None, peer_role="server")
     except VerificationError as exc:
-        raise TlsIdentityError(f"tls error: {exc.message}", response_flag="TLS_FAILURE") from None
+        raise TlsIdentityError(
+            f"tls error: {exc.message}", reason=str(exc.reason), response_flag="TLS_FAILURE"
+        ) from None
     if peer.spiffe_id not in expected:
         wanted = ", ".join(sorted(str(i) for i in expected))
         raise TlsIdentityError(
             f"identity verification error: peer did not present the expected SAN ({wanted}), "
-            f"got {peer.spiffe_id}"
+            f"got {peer.spiffe_id}",
+            reason="unexpected-identity",
         )
     return peer
