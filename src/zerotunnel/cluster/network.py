@@ -119,10 +119,11 @@ def setup_batches(plan: NetworkPlan) -> list[Batch]:
     return batches
 
 
-def create_network(plan: NetworkPlan) -> None:
+def create_network(plan: NetworkPlan, *, check_routes: bool = True) -> None:
     """Build the whole network; on failure, remove what was built and re-raise.
 
     Refuses to start over leftovers of the same cluster: call `destroy_network` first (`up` does).
+    With host access it also refuses CIDRs the host already routes (`check_routes`).
     """
     left = find_leftovers(plan.cluster)
     if not left.empty:
@@ -130,6 +131,14 @@ def create_network(plan: NetworkPlan) -> None:
             f"cluster {plan.cluster!r} already has network objects on this host "
             f"({', '.join((*left.netns, *left.links, *left.etc_dirs)[:5])}); run `zerotunnel down` first"
         )
+    if plan.host_access and check_routes:
+        clashes = root_route_clashes(plan)
+        if clashes:
+            raise InputError(
+                f"cluster {plan.cluster!r}: host access needs routes to {plan.pod_cidr} and "
+                f"{plan.node_cidr}, but this host already routes {', '.join(clashes)}; "
+                "choose other pod/node CIDRs"
+            )
     try:
         for batch in setup_batches(plan):
             ns.ip_batch(batch.netns, batch.commands)
@@ -138,6 +147,28 @@ def create_network(plan: NetworkPlan) -> None:
     except BaseException:
         destroy_network(plan.cluster)
         raise
+
+
+def root_route_clashes(plan: NetworkPlan) -> list[str]:
+    """Root-namespace IPv4 routes (other than the default) overlapping the plan's pod or node CIDR.
+
+    With host access the plan adds root routes for those ranges; a clash would either fail half
+    way or, worse, steal the host's own traffic.
+    """
+    proc = subprocess.run(["ip", "-4", "-o", "route", "show", "table", "all"], capture_output=True,
+                          text=True, timeout=30, check=False)
+    clashes = []
+    for line in proc.stdout.splitlines():
+        words = line.split()
+        dest = words[1] if words and words[0] in {"blackhole", "unreachable", "prohibit", "local",
+                                                  "broadcast", "unicast"} else (words[0] if words else "")
+        try:
+            net = ipaddress.IPv4Network(dest, strict=False)
+        except ValueError:
+            continue
+        if net.prefixlen and (net.overlaps(plan.pod_cidr) or net.overlaps(plan.node_cidr)):
+            clashes.append(str(net))
+    return sorted(set(clashes))
 
 
 def add_pod(plan: NetworkPlan, namespace: str, name: str) -> PodPlan:
