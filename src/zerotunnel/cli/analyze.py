@@ -7,6 +7,7 @@ when any finding is an error, 2 when the configuration does not load.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict
 
 import click
@@ -38,17 +39,16 @@ def render_text(findings: list[Finding], console: Console) -> None:
 @click.command("analyze")
 @click.option("-f", "--file", "files", multiple=True, required=True, help="configuration file or directory")
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
-@click.pass_context
-def analyze(ctx: click.Context, files: tuple[str, ...], output: str) -> None:
+def analyze(files: tuple[str, ...], output: str) -> None:
     """Find mistakes in AuthorizationPolicy / PeerAuthentication / RequestAuthentication / waypoints."""
     try:
         config = load(read_config_paths(list(files)))
     except InputError as exc:
         click.echo(f"error: {exc.message}", err=True)
-        ctx.exit(2)
+        sys.exit(2)
     findings = run_analysis(config)
     if output == "json":
         click.echo(json.dumps({"findings": [asdict(f) for f in findings]}, indent=2))
     else:
         render_text(findings, Console(soft_wrap=False, width=160))
-    ctx.exit(1 if any(f.severity == "error" for f in findings) else 0)
+    sys.exit(1 if any(f.severity == "error" for f in findings) else 0)

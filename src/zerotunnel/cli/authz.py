@@ -1,12 +1,15 @@
 """`zerotunnel authz check`: would this request be allowed, and why? (issue 3, istio#4856)
 
 A thin shell over `zerotunnel.policy.explain`: it reads the files, the clock and any JWKS file a
-RequestAuthentication names, and prints the hops. Exit status: 0 allowed, 1 denied, 2 bad input.
+RequestAuthentication names, and prints the hops. Exit status: 0 allowed, 1 denied, 2 bad input —
+set with `sys.exit`, because the entry point runs click with `standalone_mode=False`, which turns a
+`ctx.exit(code)` into a return value that is then dropped.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -104,9 +107,7 @@ def authz() -> None:
 @click.option("--header", "headers", multiple=True, metavar="NAME=VALUE")
 @click.option("--jwt", help="bearer token sent as Authorization")
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
-@click.pass_context
 def check(  # noqa: PLR0917 - click passes every option as an argument
-    ctx: click.Context,
     files: tuple[str, ...],
     to: str,
     to_ip: str | None,
@@ -146,7 +147,7 @@ def check(  # noqa: PLR0917 - click passes every option as an argument
         result = explain(config, query, now=datetime.now(UTC), jwks_by_uri=jwks)
     except InputError as exc:
         click.echo(f"error: {exc.message}", err=True)
-        ctx.exit(2)
+        sys.exit(2)
     if shell_warnings:
         result = Explanation(
             result.allowed,
@@ -162,4 +163,4 @@ def check(  # noqa: PLR0917 - click passes every option as an argument
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
         render_text(result, Console(soft_wrap=False, width=160))
-    ctx.exit(0 if result.allowed else 1)
+    sys.exit(0 if result.allowed else 1)
