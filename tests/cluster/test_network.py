@@ -26,6 +26,7 @@ from zerotunnel.cluster.network import (
     destroy_network,
     find_leftovers,
     install_service_dnat,
+    list_clusters,
     nft_tables,
     remove_pod,
     remove_service_dnat,
@@ -196,6 +197,11 @@ def test_host_reaches_pods_through_the_bridge(plan: NetworkPlan, servers: dict[s
 
 
 @pytest.mark.e2e
+def test_list_clusters(plan: NetworkPlan) -> None:
+    assert plan.cluster in list_clusters()
+
+
+@pytest.mark.e2e
 def test_nodes_forward_and_pods_do_not(plan: NetworkPlan) -> None:
     for node in plan.nodes:
         out = ns.exec_in_netns(node.netns, ["cat", "/proc/sys/net/ipv4/ip_forward"])
@@ -316,6 +322,7 @@ def test_teardown_leaves_nothing_even_after_a_crash() -> None:
     assert not [t for t in nft_tables() if "zerotunnel" in t]
     routes = subprocess.run(["ip", "route", "show"], capture_output=True, text=True, check=True).stdout
     assert str(p.pod_cidr.network_address)[:-2] not in routes  # host routes died with the host veth
+    assert cluster not in list_clusters()
     assert destroy_network(cluster).empty  # idempotent
 
 

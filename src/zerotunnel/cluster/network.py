@@ -11,6 +11,7 @@ and is safe to run twice.
 from __future__ import annotations
 
 import ipaddress
+import re
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -30,6 +31,7 @@ from zerotunnel.errors import InputError
 from zerotunnel.node.capture import removal_ruleset, run_nft
 
 SERVICE_TABLE = "zerotunnel-svc"
+_CLUSTER_RE = re.compile(r"^[a-z0-9]{1,12}$")
 RESOLV_CONF = "# written by zerotunnel: names resolve from /etc/hosts only\nnameserver 127.0.0.1\n"
 
 
@@ -208,6 +210,16 @@ def find_leftovers(cluster: str, *, etc_netns: Path | None = None) -> Leftovers:
         links=tuple(link for link in ns.list_links() if link.startswith(link_prefix)),
         etc_dirs=tuple(dirs),
     )
+
+
+def list_clusters() -> list[str]:
+    """Clusters with at least one namespace on this host (for `down`/`status` without a name)."""
+    found = set()
+    for name in ns.list_netns():
+        parts = name.split("-", 2)
+        if len(parts) == 3 and parts[0] == "zt" and _CLUSTER_RE.match(parts[1]):
+            found.add(parts[1])
+    return sorted(found)
 
 
 def destroy_network(cluster: str) -> Leftovers:
