@@ -253,6 +253,8 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
 
     IPv4 uses SO_ORIGINAL_DST, IPv6 IP6T_SO_ORIGINAL_DST; an IPv4 client on a dual-stack IPv6
     listener (peer `::ffff:a.b.c.d`) is an IPv4 connection to conntrack, so it is asked as IPv4.
+    A connection that was not NATed returns its own local address; OSError (ENOENT) means
+    conntrack has no entry for it (netfilter not loaded in that namespace).
     """
     if sock.family == socket.AF_INET6:
         peer = sock.getpeername()[0]
