@@ -212,6 +212,19 @@ def test_bad_input_files(
         (["ca", "init", "--dir", str(cadir)], "already holds a CA"),
         (["ca", "init", "--dir", str(tmp_path / "n"), "--trust-domain", "Bad_TD"], "trust domain characters"),
         (
+            [
+                "ca",
+                "init",
+                "--dir",
+                str(tmp_path / "n"),
+                "--trust-domain",
+                "x.y",
+                "--intermediate-of",
+                str(cadir),
+            ],
+            "--trust-domain applies to a root",
+        ),
+        (
             ["ca", "init", "--dir", str(tmp_path / "n"), "--intermediate-of", str(tmp_path / "junk.pem")],
             "no such CA directory",
         ),

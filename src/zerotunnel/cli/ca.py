@@ -92,7 +92,7 @@ def ca() -> None:
 
 @ca.command("init")
 @click.option("--dir", "directory", required=True, type=click.Path(), help="CA directory to create.")
-@click.option("--trust-domain", default="cluster.local", show_default=True, help="Root CA trust domain.")
+@click.option("--trust-domain", default=None, help="Root CA trust domain (default cluster.local).")
 @click.option("--key-type", type=click.Choice(KEY_TYPES), default="ec-p256", show_default=True)
 @click.option("--ttl", default=None, help="CA lifetime, e.g. 3650d (root default 10 years).")
 @click.option(
@@ -102,9 +102,14 @@ def ca() -> None:
     default=None,
     help="Make an intermediate signed by the CA in this directory (plug-in CA).",
 )
-def init(directory: str, trust_domain: str, key_type: str, ttl: str | None, parent: str | None) -> None:
+def init(
+    directory: str, trust_domain: str | None, key_type: str, ttl: str | None, parent: str | None
+) -> None:
     """Create a root CA (or, with --intermediate-of, an intermediate) in Istio's cacerts layout."""
     lifetime = parse_duration(ttl) if ttl else None
+    if parent is not None and trust_domain is not None:
+        raise InputError("--trust-domain applies to a root; an intermediate keeps its parent's trust domain")
+    trust_domain = trust_domain or "cluster.local"
     SpiffeId(trust_domain, "")  # validates the trust domain name with a precise reason
     now = _now()
     if parent is not None:
