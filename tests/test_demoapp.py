@@ -332,17 +332,56 @@ def test_curl_http2_prior_knowledge(app: App, tmp_path: Path) -> None:
     assert head.startswith("HTTP/2 200") and "content-length:" in head and "{" not in head, "HEAD: no body"
 
 
-def test_h2c_upgrade_is_declined_and_answered_over_http11(app: App) -> None:
-    status, doc, version = _curl("--http2", f"{app.base}/upgrade")
-    assert (status, version) == (200, "1.1")
-    assert isinstance(doc, dict) and doc["headers"]["upgrade"] == "h2c"
-    # the connection stays usable after the declined upgrade
+def test_h2c_upgrade_switches_to_http2(app: App) -> None:
+    status, doc, version = _curl("--http2", f"{app.base}/upgrade?u=1", "--data-binary", "abcd")
+    assert (status, version) == (200, "2")
+    assert isinstance(doc, dict)
+    assert doc["headers"]["upgrade"] == "h2c"
+    assert (doc["method"], doc["path"], doc["body_bytes"]) == ("POST", "/upgrade", 4)
+    assert doc["http_version"] == "1.1", "the upgraded request arrived as HTTP/1.1"
+    # later requests on the upgraded connection are ordinary HTTP/2 streams
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+            "--http2",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{http_code} %{num_connects}\n",
+            f"{app.base}/u1",
+            f"{app.base}/u2",
+        ],
+        capture_output=True,
+        check=True,
+        text=True,
+    ).stdout.split("\n")
+    assert out[:2] == ["2 200 1", "2 200 0"], out
+
+
+@pytest.mark.parametrize(
+    "upgrade_headers",
+    [
+        b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: !!!not-base64\r\n",
+        b"Connection: Upgrade\r\nUpgrade: websocket\r\n",
+        b"Connection: Upgrade\r\nUpgrade: h2c\r\n",
+    ],
+    ids=["bad-settings", "websocket", "no-settings"],
+)
+def test_other_upgrades_are_declined_and_the_connection_stays_http11(
+    app: App, upgrade_headers: bytes
+) -> None:
     request = (
-        b"GET /u1 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
-        b"HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n"
+        b"GET /u1 HTTP/1.1\r\nHost: x\r\n" + upgrade_headers + b"\r\n"
         b"GET /u2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
-    assert [s for s, _ in _parse_responses(_exchange(app.port, request))] == [200, 200]
+    responses = _parse_responses(_exchange(app.port, request))
+    assert [status for status, _ in responses] == [200, 200]
+    assert [json.loads(body)["path"] for _, body in responses] == ["/u1", "/u2"]
 
 
 def test_h2_protocol_error_gets_goaway_and_the_server_keeps_serving(app: App) -> None:

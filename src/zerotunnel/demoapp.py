@@ -7,9 +7,10 @@ capture preserved. `/healthz` answers `ok`; `/status/<code>` answers with that s
 
 It is also the server of the benchmarks, hence asyncio Protocols over h11/h2 state machines rather than
 streams (DESIGN.md §5, "Hot paths"). A connection is HTTP/2 when it opens with the prior-knowledge preface
-(RFC 9113 §3.3), HTTP/1.1 otherwise; an `Upgrade: h2c` request is answered over HTTP/1.1 (the upgrade is
-declined, which RFC 9110 §7.8 allows). A request the parsers reject gets 400 (or 431 for oversized
-headers) on HTTP/1.1, GOAWAY on HTTP/2; the connection closes and the server keeps serving.
+(RFC 9113 §3.3), HTTP/1.1 otherwise; a well-formed `Upgrade: h2c` request switches it to HTTP/2 (RFC 7540
+§3.2), any other upgrade is declined by answering over HTTP/1.1 (RFC 9110 §7.8). A request the parsers
+reject gets 400 (or 431 for oversized headers) on HTTP/1.1, GOAWAY on HTTP/2; that connection closes and
+the server keeps serving.
 """
 
 from __future__ import annotations
@@ -123,6 +124,17 @@ def format_address(address: Any) -> str:
         host, port = address[0], address[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
     return "?" if not address else str(address)
+
+
+def _header_tokens(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> set[str]:
+    """The comma-separated, case-insensitive tokens of every `name` header (RFC 9110 §5.6.1)."""
+    return {
+        token.strip().lower()
+        for key, value in headers
+        if key == name
+        for token in _text(bytes(value)).split(",")
+        if token.strip()
+    }
 
 
 def _reason(status: int) -> bytes:
@@ -265,6 +277,8 @@ class DemoAppProtocol(asyncio.Protocol):
             elif isinstance(event, h11.Data):
                 self._h1_body += len(event.data)
             elif isinstance(event, h11.EndOfMessage):
+                if self._h1_upgrade_to_h2(conn):
+                    return
                 self._h1_respond(conn)
                 if conn.our_state is h11.MUST_CLOSE:
                     self._close_transport()
@@ -278,13 +292,7 @@ class DemoAppProtocol(asyncio.Protocol):
     def _h1_respond(self, conn: h11.Connection) -> None:
         request = self._h1_request
         assert request is not None
-        info = RequestInfo(
-            method=_text(request.method),
-            target=_text(request.target),
-            headers=tuple((_text(name), _text(value)) for name, value in request.headers),
-            http_version=_text(request.http_version),
-            body_bytes=self._h1_body,
-        )
+        info = self._h1_info(request)
         reply = decide(self._app_name, info, self._peer, self._local)
         body = b"" if reply.status in _NO_BODY_STATUSES else reply.body
         headers = [(b"content-type", reply.content_type), (b"server", _SERVER)]
@@ -296,6 +304,52 @@ class DemoAppProtocol(asyncio.Protocol):
             self._h1_send(conn, h11.Data(data=body))
         self._h1_send(conn, h11.EndOfMessage())
         self._log_request(info.method, info.target, reply.status)
+
+    def _h1_info(self, request: h11.Request) -> RequestInfo:
+        return RequestInfo(
+            method=_text(request.method),
+            target=_text(request.target),
+            headers=tuple((_text(name), _text(value)) for name, value in request.headers),
+            http_version=_text(request.http_version),
+            body_bytes=self._h1_body,
+        )
+
+    def _h1_upgrade_to_h2(self, conn: h11.Connection) -> bool:
+        """RFC 7540 §3.2 `Upgrade: h2c`: answer 101, then the request's response on HTTP/2 stream 1.
+
+        Returns False (and the request is answered over HTTP/1.1, declining the upgrade) unless the request
+        is a well-formed h2c upgrade: `Upgrade: h2c`, `Connection: Upgrade, HTTP2-Settings` and exactly one
+        valid `HTTP2-Settings`. The echo reports the request as it arrived: HTTP/1.1.
+        """
+        request = self._h1_request
+        if request is None or conn.their_state is h11.DONE:  # DONE: the request proposed no upgrade
+            return False
+        upgrade = _header_tokens(request.headers, b"upgrade")
+        connection = _header_tokens(request.headers, b"connection")
+        settings = [value for name, value in request.headers if name == b"http2-settings"]
+        if "h2c" not in upgrade or not {"upgrade", "http2-settings"} <= connection or len(settings) != 1:
+            return False
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        h2conn = h2.connection.H2Connection(config=config)
+        try:
+            h2conn.initiate_upgrade_connection(settings_header=bytes(settings[0]))
+        except Exception:  # bad base64 or settings: decline instead of switching to a broken connection
+            return False
+        info = self._h1_info(request)
+        switch = h11.InformationalResponse(
+            status_code=101, headers=[(b"connection", b"Upgrade"), (b"upgrade", b"h2c")], reason=_reason(101)
+        )
+        try:
+            self._h1_send(conn, switch)
+        except h11.LocalProtocolError:  # h11 saw no switch proposal: answer over HTTP/1.1
+            return False
+        self._h1_flush()
+        trailing, _ = conn.trailing_data
+        self._h1 = None
+        self._h2 = h2conn
+        self._h2_answer(h2conn, 1, info)
+        self._h2_feed(bytes(trailing))
+        return True
 
     def _h1_reject(self, exc: h11.RemoteProtocolError) -> None:
         """RFC 9112 §2.2: a message that cannot be parsed gets 400 (431 for huge headers) and the close."""
@@ -389,6 +443,9 @@ class DemoAppProtocol(asyncio.Protocol):
             http_version="2",
             body_bytes=stream.body_bytes,
         )
+        self._h2_answer(conn, stream_id, info)
+
+    def _h2_answer(self, conn: h2.connection.H2Connection, stream_id: int, info: RequestInfo) -> None:
         reply = decide(self._app_name, info, self._peer, self._local)
         body = b"" if reply.status in _NO_BODY_STATUSES or info.method == "HEAD" else reply.body
         headers = [
