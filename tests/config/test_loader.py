@@ -1054,6 +1054,15 @@ def test_real_world_manifests_load_unchanged() -> None:
         ),
         (
             """
+            apiVersion: zerotunnel.io/v1alpha1
+            kind: MeshConfig
+            spec: {rootNamespace: Istio_System}
+            """,
+            "spec.rootNamespace",
+            "'Istio_System' is not a valid name",
+        ),
+        (
+            """
             apiVersion: apps/v1
             kind: Deployment
             metadata: {name: d}
@@ -1314,3 +1323,186 @@ def test_arbitrary_specs_of_known_kinds_never_raise_anything_but_config_error(
     doc = {"apiVersion": kind.api_versions[0], "kind": kind.kind, "metadata": metadata, "spec": spec}
     with contextlib.suppress(ConfigError):
         load([("x.json", json.dumps(doc))])
+
+
+KUBECTL_GET_OUTPUT = """
+apiVersion: v1
+kind: List
+metadata:
+  resourceVersion: ""
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata:
+    annotations:
+      kubectl.kubernetes.io/last-applied-configuration: |
+        {"apiVersion":"v1","kind":"Pod"}
+    creationTimestamp: "2024-06-01T10:00:00Z"
+    generateName: httpbin-7f8b9d-
+    labels:
+      app: httpbin
+      pod-template-hash: 7f8b9d
+      security.istio.io/tlsMode: istio
+    name: httpbin-7f8b9d-x2x4k
+    namespace: demo
+    ownerReferences:
+    - apiVersion: apps/v1
+      blockOwnerDeletion: true
+      controller: true
+      kind: ReplicaSet
+      name: httpbin-7f8b9d
+      uid: 0b5c7a4e-1111-2222-3333-444455556666
+    resourceVersion: "123456"
+    uid: 9a8b7c6d-1111-2222-3333-444455556666
+    managedFields:
+    - apiVersion: v1
+      fieldsType: FieldsV1
+      fieldsV1: {"f:metadata": {"f:labels": {".": {}, "f:app": {}}}}
+      manager: kube-controller-manager
+      operation: Update
+      time: "2024-06-01T10:00:00Z"
+  spec:
+    containers:
+    - image: docker.io/kennethreitz/httpbin
+      imagePullPolicy: IfNotPresent
+      name: httpbin
+      ports:
+      - containerPort: 80
+        protocol: TCP
+      resources:
+        limits: {cpu: "1", memory: 256Mi}
+        requests: {cpu: 100m, memory: 64Mi}
+      livenessProbe:
+        failureThreshold: 3
+        httpGet: {path: /status/200, port: 80, scheme: HTTP}
+        periodSeconds: 10
+        successThreshold: 1
+        timeoutSeconds: 1
+      readinessProbe:
+        exec: {command: [cat, /tmp/ready]}
+      startupProbe:
+        grpc: {port: 9090}
+      securityContext:
+        allowPrivilegeEscalation: false
+        readOnlyRootFilesystem: true
+        seccompProfile: {type: RuntimeDefault}
+      terminationMessagePath: /dev/termination-log
+      terminationMessagePolicy: File
+      volumeMounts:
+      - mountPath: /var/run/secrets/kubernetes.io/serviceaccount
+        name: kube-api-access-abcde
+        readOnly: true
+    dnsPolicy: ClusterFirst
+    enableServiceLinks: true
+    nodeName: kind-worker
+    preemptionPolicy: PreemptLowerPriority
+    priority: 0
+    restartPolicy: Always
+    schedulerName: default-scheduler
+    securityContext: {fsGroup: 2000, runAsNonRoot: true}
+    serviceAccount: httpbin
+    serviceAccountName: httpbin
+    terminationGracePeriodSeconds: 30
+    tolerations:
+    - effect: NoExecute
+      key: node.kubernetes.io/not-ready
+      operator: Exists
+      tolerationSeconds: 300
+    volumes:
+    - name: kube-api-access-abcde
+      projected:
+        defaultMode: 420
+        sources:
+        - serviceAccountToken: {expirationSeconds: 3607, path: token}
+  status:
+    conditions:
+    - lastProbeTime: null
+      lastTransitionTime: "2024-06-01T10:00:05Z"
+      status: "True"
+      type: Ready
+    containerStatuses:
+    - containerID: containerd://abc
+      image: docker.io/kennethreitz/httpbin:latest
+      imageID: docker.io/kennethreitz/httpbin@sha256:599fe5e5
+      lastState: {}
+      name: httpbin
+      ready: true
+      restartCount: 0
+      started: true
+      state:
+        running: {startedAt: "2024-06-01T10:00:03Z"}
+    hostIP: 172.18.0.3
+    hostIPs: [{ip: 172.18.0.3}]
+    phase: Running
+    podIP: 10.244.1.7
+    podIPs: [{ip: 10.244.1.7}]
+    qosClass: Burstable
+    startTime: "2024-06-01T10:00:00Z"
+- apiVersion: v1
+  kind: Service
+  metadata:
+    creationTimestamp: "2024-06-01T09:59:00Z"
+    labels: {app: httpbin, service: httpbin}
+    name: httpbin
+    namespace: demo
+    resourceVersion: "120000"
+    uid: 11111111-2222-3333-4444-555555555555
+  spec:
+    clusterIP: 10.96.12.34
+    clusterIPs: [10.96.12.34]
+    internalTrafficPolicy: Cluster
+    ipFamilies: [IPv4]
+    ipFamilyPolicy: SingleStack
+    ports:
+    - name: http
+      port: 8000
+      protocol: TCP
+      targetPort: 80
+    selector: {app: httpbin}
+    sessionAffinity: None
+    type: ClusterIP
+  status:
+    loadBalancer: {}
+- apiVersion: v1
+  kind: Namespace
+  metadata:
+    labels: {istio.io/dataplane-mode: ambient, kubernetes.io/metadata.name: demo}
+    name: demo
+  spec:
+    finalizers: [kubernetes]
+  status:
+    phase: Active
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata:
+    annotations: {}
+    generation: 1
+    name: httpbin
+    namespace: demo
+  spec:
+    selector: {matchLabels: {app: httpbin}}
+    rules: [{from: [{source: {namespaces: [demo]}}]}]
+  status:
+    conditions:
+    - lastTransitionTime: "2024-06-01T10:00:00Z"
+      message: ok
+      reason: Accepted
+      status: "True"
+      type: Accepted
+    observedGeneration: "1"
+"""
+
+
+def test_kubectl_get_output_loads_unchanged() -> None:
+    config = load1(KUBECTL_GET_OUTPUT)
+    pod = config.pod("demo", "httpbin-7f8b9d-x2x4k")
+    assert pod is not None
+    assert pod.pod_ip == "10.244.1.7"
+    assert pod.node_name == "kind-worker"
+    assert config.identity_of(pod) == "spiffe://cluster.local/ns/demo/sa/httpbin"
+    assert pod.meta.creation_timestamp == datetime(2024, 6, 1, 10, tzinfo=UTC)
+    service = config.service("demo", "httpbin")
+    assert service is not None
+    assert service.ports == (m.ServicePort("http", 8000, 80, "TCP", None),)
+    assert config.pod_is_ambient(pod)
+    assert config.authorization_policies[0].rules[0].from_[0].namespaces == ("demo",)

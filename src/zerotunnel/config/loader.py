@@ -774,6 +774,8 @@ def _mesh_config(doc: _Doc, meta: m.ObjectMeta, data: s.MeshConfigDoc) -> Any:
             return default
         return value
 
+    if spec.rootNamespace is not None:
+        _check_name(doc, ("spec", "rootNamespace"), spec.rootNamespace, label=True)
     cert_ttl = ttl("workloadCertTTL", spec.workloadCertTTL, defaults.workload_cert_ttl)
     max_ttl = ttl("maxWorkloadCertTTL", spec.maxWorkloadCertTTL, defaults.max_workload_cert_ttl)
     if cert_ttl > max_ttl:

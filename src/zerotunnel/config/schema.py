@@ -196,6 +196,7 @@ class PodStatusSchema(Strict):
     resize: Any = None
     resourceClaimStatuses: Any = None
     startTime: Any = None
+    observedGeneration: Any = None
 
 
 class PodDoc(Document):
@@ -610,6 +611,7 @@ class K8sGatewaySpec(Strict):
     infrastructure: Any = None
     backendTLS: Any = None
     allowedListeners: Any = None
+    tls: Any = None
 
 
 class K8sGatewayDoc(Document):
