@@ -67,8 +67,8 @@ def _empty_str_map() -> Mapping[str, str]:
 @dataclass(frozen=True, slots=True)
 class ObjectMeta:
     """`metadata`. `order` is the object's position in load order: the tie-break for "oldest"
-    (istio-ambient.md §5: conflicting policies resolve to the oldest by creationTimestamp, then by
-    name; we add load order for documents without a timestamp)."""
+    (istio-ambient.md §5.1: among PeerAuthentications at the same level the oldest by
+    creationTimestamp wins); load order breaks ties and stands in for a missing timestamp."""
 
     name: str
     namespace: str
