@@ -5,7 +5,8 @@ DESIGN.md §2. Three stages, each collecting problems instead of stopping at the
 2. pick the schema by `apiVersion` + `kind` and validate with pydantic (`schema`);
 3. convert to the frozen dataclasses of `model`, checking what the upstream API server or Istio's
    validation webhook would reject (mutually exclusive fields, ranges, base64, durations) and
-   duplicate (kind, namespace, name).
+   duplicate (kind, namespace, name). These checks read typed values, so they run for a document
+   only once its schema problems (all reported by stage 2) are fixed.
 A single problem anywhere means no `Config` is returned: a bad change never half-applies.
 """
 
