@@ -30,7 +30,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zerotunnel.demoapp import H2_PREFACE, RequestInfo, decide, headers_json, split_target, start_demo_app
+from zerotunnel.demoapp import (
+    H2_PREFACE,
+    RequestInfo,
+    decide,
+    format_address,
+    headers_json,
+    split_target,
+    start_demo_app,
+)
 
 HOST = "127.0.0.1"
 
@@ -170,6 +178,32 @@ def test_split_target_keeps_the_raw_query() -> None:
 def test_decide_status_paths(path: str, status: int) -> None:
     reply = decide("n", RequestInfo("GET", path, (), "1.1", 0), "1.2.3.4:5", "6.7.8.9:10")
     assert reply.status == status
+
+
+def test_format_address_brackets_ipv6() -> None:
+    assert format_address(("10.0.0.1", 80)) == "10.0.0.1:80"
+    assert format_address(("fd00::1", 8080, 0, 0)) == "[fd00::1]:8080"
+    assert format_address(None) == "?"
+
+
+def test_ipv6_listener_reports_bracketed_addresses_in_process() -> None:
+    async def scenario() -> dict[str, Any]:
+        app = await start_demo_app("::1", 0, "v6")
+        try:
+            reader, writer = await asyncio.open_connection("::1", app.port)
+            writer.write(b"GET /v6 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            raw = await asyncio.wait_for(reader.read(), timeout=5)
+            writer.close()
+        finally:
+            await app.close()
+        [(status, body)] = _parse_responses(raw)
+        assert status == 200
+        doc: dict[str, Any] = json.loads(body)
+        return doc
+
+    doc = asyncio.run(scenario())
+    assert re.fullmatch(r"\[::1\]:\d+", doc["peer"])
+    assert doc["local"].startswith("[::1]:")
 
 
 def test_decide_refuses_connect() -> None:
