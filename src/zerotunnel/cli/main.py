@@ -65,7 +65,8 @@ def cli() -> None:
 def main() -> None:
     """Console entry point: bad input is one line on stderr and exit status 2."""
     try:
-        cli.main(standalone_mode=False)
+        # Without standalone mode click returns the code of `ctx.exit(n)` instead of exiting.
+        code = cli.main(standalone_mode=False)
     except InputError as exc:
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(2)
@@ -77,6 +78,7 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
