@@ -15,8 +15,14 @@ from zerotunnel.hbone.headers import (
 
 
 def test_baggage_order_and_empty_fields() -> None:
-    b = Baggage(cluster="Kubernetes", namespace="default", workload_type="Deployment", workload_name="curl",
-                service_name="curl", service_version="v1")
+    b = Baggage(
+        cluster="Kubernetes",
+        namespace="default",
+        workload_type="Deployment",
+        workload_name="curl",
+        service_name="curl",
+        service_version="v1",
+    )
     assert b.encode() == (
         "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,k8s.deployment.name=curl,"
         "service.name=curl,service.version=v1"
@@ -51,7 +57,8 @@ def test_request_headers() -> None:
         baggage=Baggage(namespace="ns"),
         forwarded_for=("10.0.0.1", 1),
         forwarded_host="s.ns.svc.cluster.local",
-        trace_id=b"\x01" * 16, parent_id=b"\x02" * 8,
+        trace_id=b"\x01" * 16,
+        parent_id=b"\x02" * 8,
     )
     assert [k for k, _ in hs] == [b"baggage", b"forwarded", b"traceparent"]
     full = connect_request_headers(HboneAuthority.from_ip("fd00::2", 80), hs)

@@ -254,14 +254,29 @@ def test_arbitrary_bytes_never_raise(junk: bytes, with_preface: bool) -> None:
     ev = s.receive_data(data)
     ev += s.receive_data(junk)
     for e in ev:
-        assert isinstance(e, (ConnectRequest, RequestRejected, StreamData, StreamEnd, StreamReset,
-                              PeerSettingsChanged, ConnectionClosed, StreamDrained))
+        assert isinstance(
+            e,
+            (
+                ConnectRequest,
+                RequestRejected,
+                StreamData,
+                StreamEnd,
+                StreamReset,
+                PeerSettingsChanged,
+                ConnectionClosed,
+                StreamDrained,
+            ),
+        )
     s.data_to_send()
 
 
 @settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow], deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 255), st.integers(0, 15), st.binary(max_size=64)),
-                max_size=12))
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 9), st.integers(0, 255), st.integers(0, 15), st.binary(max_size=64)),
+        max_size=12,
+    )
+)
 def test_arbitrary_frames_never_raise(frames: list[tuple[int, int, int, bytes]]) -> None:
     s = HboneServerConnection()
     data = bytearray(PREFACE + SettingsFrame(0).serialize())

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -12,7 +16,13 @@ from cryptography.hazmat.primitives import serialization
 from zerotunnel.identity.bundle import TrustBundle
 from zerotunnel.identity.ca import CertificateAuthority
 from zerotunnel.identity.spiffe import SpiffeId
+from zerotunnel.node.accesslog import AccessLog
+from zerotunnel.node.hbone_client import HbonePool, PoolKey
+from zerotunnel.node.hbone_server import HboneServer, InboundRequest, LocalWorkload
+from zerotunnel.node.metrics import ProxyMetrics
+from zerotunnel.node.relay import TcpRelay
 from zerotunnel.node.tls import WorkloadCredentials
+from zerotunnel.policy.decision import Decision
 
 TD = "cluster.local"
 NOW = datetime.now(UTC)
@@ -23,8 +33,14 @@ class Pki:
     ca: CertificateAuthority
     bundle: TrustBundle
 
-    def creds(self, ns: str, sa: str, td: str = TD, ca: CertificateAuthority | None = None,
-              bundle: TrustBundle | None = None) -> WorkloadCredentials:
+    def creds(
+        self,
+        ns: str,
+        sa: str,
+        td: str = TD,
+        ca: CertificateAuthority | None = None,
+        bundle: TrustBundle | None = None,
+    ) -> WorkloadCredentials:
         ident = SpiffeId.istio(td, ns, sa)
         chain, key = (ca or self.ca).issue_with_key(ident, NOW - timedelta(minutes=1), timedelta(hours=2))
         return WorkloadCredentials.from_pem(ident, chain.chain_pem, key, bundle or self.bundle)
@@ -52,31 +68,30 @@ def ca_as_leaf_creds(pki: Pki) -> WorkloadCredentials:
     cert = pki.ca.signing_cert
     key = pki.ca.signing_key_pem()
     chain = cert.public_bytes(serialization.Encoding.PEM) + b"".join(pki.ca.intermediates_pem)
-    return WorkloadCredentials(SpiffeId.istio(TD, "default", "ca"), chain, key, pki.bundle,
-                               tuple(x509.load_pem_x509_certificates(chain)[1:]))
+    return WorkloadCredentials(
+        SpiffeId.istio(TD, "default", "ca"),
+        chain,
+        key,
+        pki.bundle,
+        tuple(x509.load_pem_x509_certificates(chain)[1:]),
+    )
 
 
 @pytest.fixture(scope="session")
 def other_td_creds(pki: Pki) -> WorkloadCredentials:
     """A valid SVID of another trust domain whose root we do trust (federated bundle)."""
     other = CertificateAuthority.create_root("clusterset.local", NOW - timedelta(days=1))
-    return pki.creds("default", "foreign", td="clusterset.local", ca=other,
-                     bundle=TrustBundle.from_certs("clusterset.local", other.roots).merge(pki.bundle))
+    return pki.creds(
+        "default",
+        "foreign",
+        td="clusterset.local",
+        ca=other,
+        bundle=TrustBundle.from_certs("clusterset.local", other.roots).merge(pki.bundle),
+    )
 
 
 # -- a loopback HBONE "mesh": app ← server ← pool ← outbound listener ← app client -------------------
 
-import asyncio  # noqa: E402
-import json  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
-
-from zerotunnel.node.accesslog import AccessLog  # noqa: E402
-from zerotunnel.node.hbone_client import HbonePool, PoolKey  # noqa: E402
-from zerotunnel.node.hbone_server import HboneServer, InboundRequest, LocalWorkload  # noqa: E402
-from zerotunnel.node.metrics import ProxyMetrics  # noqa: E402
-from zerotunnel.node.relay import TcpRelay  # noqa: E402
-from zerotunnel.policy.decision import Decision  # noqa: E402
 
 ALLOW = Decision(True, None, None, "allowed", 200)
 
@@ -128,13 +143,16 @@ class Env:
         return int(srv.sockets[0].getsockname()[1])
 
     def workload(self, ip: str) -> LocalWorkload | None:
-        return LocalWorkload("server", "default", self.server_creds.identity) if ip.startswith("127.") else None
+        return (
+            LocalWorkload("server", "default", self.server_creds.identity) if ip.startswith("127.") else None
+        )
 
     async def server(self, host: str = "127.0.0.1", **kw: Any) -> HboneServer:
         kw.setdefault("authorize", allow_all)
         kw.setdefault("local_workload", self.workload)
-        srv = HboneServer(kw.pop("credentials", self.server_creds), metrics=self.metrics, access_log=self.access,
-                          **kw)
+        srv = HboneServer(
+            kw.pop("credentials", self.server_creds), metrics=self.metrics, access_log=self.access, **kw
+        )
         await srv.start(host, 0)
         self._closers.append(lambda: srv.close(grace=0))
         return srv
@@ -146,13 +164,15 @@ class Env:
         self._closers.append(pool.close)
         return pool
 
-    def key(self, server: HboneServer, creds: WorkloadCredentials | None = None,
-            expect: SpiffeId | None = None) -> PoolKey:
+    def key(
+        self, server: HboneServer, creds: WorkloadCredentials | None = None, expect: SpiffeId | None = None
+    ) -> PoolKey:
         c = creds or self.client_creds
         return PoolKey(c.identity, frozenset({expect or self.server_creds.identity}), server.address, None)
 
-    async def outbound(self, pool: HbonePool, key: PoolKey, authority: str,
-                       errors: list[str] | None = None) -> int:
+    async def outbound(
+        self, pool: HbonePool, key: PoolKey, authority: str, errors: list[str] | None = None
+    ) -> int:
         """A stand-in for the node proxy's 15001: accept, connect through the pool, relay."""
         loop = asyncio.get_running_loop()
 

@@ -97,8 +97,7 @@ def test_client_rejects_unexpected_server_identity(pki: Pki) -> None:
     with pytest.raises(TlsIdentityError) as info:
         verify_server_peer(c_obj, client, {want}, _now())
     assert info.value.message == (
-        "identity verification error: peer did not present the expected SAN "
-        f"({want}), got {server.identity}"
+        f"identity verification error: peer did not present the expected SAN ({want}), got {server.identity}"
     )
     assert info.value.response_flag == "IDENTITY_ERROR"
 
@@ -180,10 +179,25 @@ def test_openssl_s_client_sees_no_ticket_and_tls13(pki: Pki, tmp_path: Any) -> N
         port = srv.sockets[0].getsockname()[1]
         try:
             proc = await asyncio.create_subprocess_exec(
-                "openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3", "-alpn", "h2",
-                "-cert", str(tmp_path / "c.pem"), "-key", str(tmp_path / "k.pem"),
-                "-CAfile", str(tmp_path / "ca.pem"), "-sess_out", str(tmp_path / "sess"), "-noservername",
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                "openssl",
+                "s_client",
+                "-connect",
+                f"127.0.0.1:{port}",
+                "-tls1_3",
+                "-alpn",
+                "h2",
+                "-cert",
+                str(tmp_path / "c.pem"),
+                "-key",
+                str(tmp_path / "k.pem"),
+                "-CAfile",
+                str(tmp_path / "ca.pem"),
+                "-sess_out",
+                str(tmp_path / "sess"),
+                "-noservername",
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
             )
             await asyncio.sleep(0.5)
             out, _ = await asyncio.wait_for(proc.communicate(b""), 10)

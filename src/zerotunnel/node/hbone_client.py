@@ -77,8 +77,6 @@ class _ClientConnection(HboneConnectionProtocol):
         return verify_server_peer(ssl_object, self.creds, self.key.dst_identities, self.pool.clock())
 
     def established(self) -> None:
-        if not self.ready.done():
-            self.ready.set_result(None)
         self._schedule_ping()
         self._arm_idle()
 
@@ -89,7 +87,7 @@ class _ClientConnection(HboneConnectionProtocol):
 
     @property
     def capacity(self) -> int:
-        return 0 if self.closed or not self.handshaken else self.h2.capacity
+        return 0 if self.closed or not self.ready.done() else self.h2.capacity
 
     def open(self, authority: HboneAuthority | str, headers: list[Header] | None) -> tuple[
             HboneStream, asyncio.Future[int]]:
@@ -118,7 +116,10 @@ class _ClientConnection(HboneConnectionProtocol):
                 self._ping_deadline = None
             self._schedule_ping()
         elif isinstance(event, PeerSettingsChanged):
-            self.pool._capacity_changed(self)
+            # Ready only once the server's SETTINGS are known: opening streams before we know its
+            # SETTINGS_MAX_CONCURRENT_STREAMS could overrun it (§1.5: capped by the server).
+            if not self.ready.done():
+                self.ready.set_result(None)
 
     def stream_forgotten(self, stream: HboneStream) -> None:
         fut = self._responses.pop(stream.stream_id, None)
@@ -266,9 +267,6 @@ class HbonePool:
             raise HboneConnectError(f"connection failed: {exc}", response_flag="CONNECT") from None
         await conn.ready
         return conn
-
-    def _capacity_changed(self, conn: _ClientConnection) -> None:
-        """Peer SETTINGS arrived; nothing to do yet beyond what `capacity` computes on demand."""
 
     def _forget(self, conn: _ClientConnection) -> None:
         conns = self._conns.get(conn.key)

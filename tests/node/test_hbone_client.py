@@ -1,0 +1,164 @@
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from zerotunnel.hbone.protocol import HboneSettings
+from zerotunnel.identity.spiffe import SpiffeId
+from zerotunnel.node.hbone_client import HboneConnectError, PoolKey
+from zerotunnel.node.relay import TcpRelay
+from zerotunnel.node.tls import server_context
+
+Env = Any
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def test_150_concurrent_streams_open_two_connections(env: Env) -> None:
+    async def main() -> None:
+        app = await env.app("hold")
+        server = await env.server()
+        pool = env.pool()
+        key = env.key(server)
+        streams = await asyncio.gather(*(pool.connect(key, f"127.0.0.1:{app}") for _ in range(150)))
+        conns = pool.connections(key)
+        assert len(conns) == 2
+        assert sorted(len(c.streams) for c in conns) == [50, 100]
+        assert len({s.stream_id for s in streams if s.connection is conns[0]}) == len(conns[0].streams)
+        for s in streams:
+            s.abort()
+        await env.aclose()
+
+    run(main())
+
+
+def test_single_flight_per_key(env: Env) -> None:
+    async def main() -> None:
+        app = await env.app("hold")
+        server = await env.server()
+        pool = env.pool()
+        key = env.key(server)
+        await asyncio.gather(*(pool.connect(key, f"127.0.0.1:{app}") for _ in range(20)))
+        assert len(pool.connections(key)) == 1
+        # a different key (another source identity) never shares the TLS connection
+        other = env.pki.creds("default", "other")
+        pool2 = env.pool(other)
+        await pool2.connect(env.key(server, other), f"127.0.0.1:{app}")
+        assert len(server.connections) == 2
+        await env.aclose()
+
+    run(main())
+
+
+def test_capped_by_server_max_concurrent_streams(env: Env) -> None:
+    async def main() -> None:
+        app = await env.app("hold")
+        server = await env.server(settings=HboneSettings(max_concurrent_streams=5))
+        pool = env.pool()
+        key = env.key(server)
+        await asyncio.gather(*(pool.connect(key, f"127.0.0.1:{app}") for _ in range(12)))
+        assert sorted(len(c.streams) for c in pool.connections(key)) == [2, 5, 5]
+        await env.aclose()
+
+    run(main())
+
+
+def test_server_identity_mismatch_refused(env: Env) -> None:
+    async def main() -> None:
+        app = await env.app("echo")
+        server = await env.server()
+        pool = env.pool()
+        want = SpiffeId.istio("cluster.local", "default", "reviews")
+        with pytest.raises(HboneConnectError) as info:
+            await pool.connect(env.key(server, expect=want), f"127.0.0.1:{app}")
+        assert info.value.message == (
+            "identity verification error: peer did not present the expected SAN "
+            f"({want}), got spiffe://cluster.local/ns/default/sa/server"
+        )
+        assert info.value.response_flag == "IDENTITY_ERROR"
+        assert 'reason="unexpected-identity"' in pool.metrics.render().decode()
+        await env.aclose()
+
+    run(main())
+
+
+def test_status_error_and_connect_timeout_texts(env: Env) -> None:
+    async def main() -> None:
+        server = await env.server()
+        pool = env.pool(connect_timeout=0.3)
+        with pytest.raises(HboneConnectError) as info:
+            await pool.connect(env.key(server), "127.0.0.1:15001")
+        assert info.value.message == "http status: 503"
+        # a black-holed next hop (TEST-NET-1 is not routed) gives Istio's NetworkPolicy hint
+        key = PoolKey(env.client_creds.identity, frozenset({env.server_creds.identity}), ("192.0.2.1", 15008))
+        with pytest.raises(HboneConnectError) as info:
+            await pool.connect(key, "192.0.2.1:80")
+        assert info.value.message.startswith(
+            "connection timed out, maybe a NetworkPolicy is blocking HBONE port 15008: "
+        ) or (info.value.message.startswith("connection failed: "))
+        await env.aclose()
+
+    run(main())
+
+
+def test_idle_connection_released(env: Env) -> None:
+    async def main() -> None:
+        app = await env.app("echo")
+        server = await env.server()
+        pool = env.pool(idle_timeout=0.2)
+        key = env.key(server)
+        stream = await pool.connect(key, f"127.0.0.1:{app}")
+        relay = TcpRelay()
+        stream.abort()
+        del relay
+        assert len(pool.connections(key)) == 1
+        await asyncio.sleep(0.5)
+        assert pool.connections(key) == []
+        await env.aclose()
+
+    run(main())
+
+
+def test_ping_keepalive_and_timeout(env: Env) -> None:
+    async def main() -> None:
+        # a healthy server answers PINGs: the connection survives several intervals
+        app = await env.app("echo")
+        server = await env.server()
+        pool = env.pool(ping_interval=0.05, ping_timeout=0.2)
+        key = env.key(server)
+        await pool.connect(key, f"127.0.0.1:{app}")
+        await asyncio.sleep(0.4)
+        assert len(pool.connections(key)) == 1
+
+        # a server that completes TLS and SETTINGS but then goes silent is dropped after the timeout
+        silent: list[asyncio.StreamWriter] = []
+
+        async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            silent.append(writer)
+            # the HTTP/2 server preface: an empty SETTINGS frame, then nothing ever again
+            writer.write(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            await reader.read(1 << 20)
+            await asyncio.sleep(10)
+
+        srv = await asyncio.start_server(mute, "127.0.0.1", 0, ssl=server_context(env.server_creds))
+        addr = srv.sockets[0].getsockname()[:2]
+        mkey = PoolKey(env.client_creds.identity, frozenset({env.server_creds.identity}), addr)
+        task = asyncio.create_task(pool.connect(mkey, "127.0.0.1:1"))
+        await asyncio.sleep(0.1)
+        conns = pool.connections(mkey)
+        assert len(conns) == 1
+        await asyncio.sleep(0.5)
+        assert conns[0].closed and conns[0].close_reason is not None
+        assert "ping timeout" in conns[0].close_reason
+        with pytest.raises(HboneConnectError):
+            await task
+        srv.close()
+        for w in silent:
+            w.close()
+        await env.aclose()
+
+    run(main())
