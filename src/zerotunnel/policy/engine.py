@@ -32,7 +32,7 @@ class Engine:
     l7_index: L7Index
     peer_authentications: Mapping[str, tuple[PeerAuthentication, ...]]
     request_authentications: Mapping[tuple[str, str, str], tuple[RequestAuthentication, ...]]
-    unsent: tuple[Conversion, ...]
+    unsent: Mapping[str, tuple[Conversion, ...]]
 
     @classmethod
     def build(
@@ -54,7 +54,10 @@ class Engine:
         for ra in request_authentications:
             for key in target_keys(ra.target_refs, ra.meta.namespace):
                 ras[key].append(ra)
-        unsent = tuple(c for c in conversions.values() if c.policy is None and not c.source.target_refs)
+        unsent: dict[str, list[Conversion]] = defaultdict(list)
+        for c in conversions.values():
+            if c.policy is None and not c.source.target_refs:
+                unsent[c.source.meta.namespace].append(c)
         return cls(
             root_namespace,
             path_normalization,
@@ -63,7 +66,7 @@ class Engine:
             L7Index.build(aps, root_namespace),
             {k: tuple(v) for k, v in pas.items()},
             {k: tuple(v) for k, v in ras.items()},
-            unsent,
+            {k: tuple(v) for k, v in unsent.items()},
         )
 
     @classmethod
@@ -93,10 +96,10 @@ class Engine:
             conv = self.conversions.get(pol.key)
             if conv is not None and conv.status:
                 warnings.append(f"{pol.key}: {conv.status}")
-        for conv in self.unsent:
+        namespaces = {namespace, self.root_namespace}
+        for conv in (c for ns in namespaces for c in self.unsent.get(ns, ())):
             src = conv.source
-            ns_ok = src.meta.namespace in (namespace, self.root_namespace)
-            if ns_ok and (src.selector is None or src.selector.matches(labels)):
+            if src.selector is None or src.selector.matches(labels):
                 warnings.append(f"{conv.key}: {conv.status} (not sent to ztunnel)")
         policies = policies + list(self.peer_authn(namespace, labels).policies)
         return policies, warnings
