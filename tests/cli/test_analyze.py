@@ -93,7 +93,12 @@ def test_invalid_config_exit_2(tmp_path: Path) -> None:
 
 def test_console_script_subprocess(tmp_path: Path) -> None:
     exe = Path(sys.executable).parent / "zerotunnel"
-    proc = subprocess.run([str(exe), "analyze", "-f", str(write(tmp_path, BASE + SEED)), "-o", "json"],
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [str(exe), "analyze", "-f", str(write(tmp_path, BASE + SEED)), "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 1, proc.stderr
     assert any(f["code"] == "ZT002" for f in json.loads(proc.stdout)["findings"])

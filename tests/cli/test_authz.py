@@ -54,7 +54,8 @@ kind: AuthorizationPolicy
 metadata: {name: httpbin-l4, namespace: demo}
 spec:
   selector: {matchLabels: {app: httpbin}}
-  rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/sleep, cluster.local/ns/demo/sa/waypoint]}}]}]
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/demo/sa/sleep, cluster.local/ns/demo/sa/waypoint]}}]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -92,23 +93,54 @@ def as_json(mesh: Path, *args: str) -> tuple[int, dict[str, object]]:
 
 # case, extra args, exit code, (decision, enforced_by, status, policy, reason)
 CASES = [
-    ("GET /get from sleep: allowed through waypoint and ztunnel", ["--from", "demo/sleep", "--path", "/get"], 0,
-     ("ALLOW", "ztunnel", 200, "demo/httpbin-l4", "allowed by: demo/httpbin-l4")),
-    ("POST denied at the waypoint", ["--from", "demo/sleep", "--method", "POST", "--path", "/get"], 1,
-     ("DENY", "waypoint", 403, None, "allow policies exist, but none allowed")),
-    ("/admin denied by the DENY policy", ["--from", "demo/sleep", "--path", "/admin/x"], 1,
-     ("DENY", "waypoint", 403, "demo/no-admin", "explicitly denied by: demo/no-admin")),
-    ("//admin normalized (BASE keeps //: not denied by /admin*, not allowed by GET paths)",
-     ["--from", "demo/sleep", "--path", "//admin"], 1,
-     ("DENY", "waypoint", 403, None, "allow policies exist, but none allowed")),
-    ("--via ztunnel: the node proxy alone allows sleep", ["--from", "demo/sleep", "--via", "ztunnel", "--method", "POST"],
-     0, ("ALLOW", "ztunnel", 200, "demo/httpbin-l4", "allowed by: demo/httpbin-l4")),
-    ("--via ztunnel, another identity: 401", ["--from-principal", "cluster.local/ns/x/sa/y", "--via", "ztunnel"], 1,
-     ("DENY", "ztunnel", 401, None, "allow policies exist, but none allowed")),
-    ("plaintext: only the node proxy, denied", ["--from-plaintext"], 1,
-     ("DENY", "ztunnel", 401, None, "allow policies exist, but none allowed")),
-    ("lower-case method: 400 at the waypoint", ["--from", "demo/sleep", "--method", "get"], 1,
-     ("DENY", "waypoint", 400, None, "bad request: invalid method 'get': methods must be upper case")),
+    (
+        "GET /get from sleep: allowed through waypoint and ztunnel",
+        ["--from", "demo/sleep", "--path", "/get"],
+        0,
+        ("ALLOW", "ztunnel", 200, "demo/httpbin-l4", "allowed by: demo/httpbin-l4"),
+    ),
+    (
+        "POST denied at the waypoint",
+        ["--from", "demo/sleep", "--method", "POST", "--path", "/get"],
+        1,
+        ("DENY", "waypoint", 403, None, "allow policies exist, but none allowed"),
+    ),
+    (
+        "/admin denied by the DENY policy",
+        ["--from", "demo/sleep", "--path", "/admin/x"],
+        1,
+        ("DENY", "waypoint", 403, "demo/no-admin", "explicitly denied by: demo/no-admin"),
+    ),
+    (
+        "//admin normalized (BASE keeps //: not denied by /admin*, not allowed by GET paths)",
+        ["--from", "demo/sleep", "--path", "//admin"],
+        1,
+        ("DENY", "waypoint", 403, None, "allow policies exist, but none allowed"),
+    ),
+    (
+        "--via ztunnel: the node proxy alone allows sleep",
+        ["--from", "demo/sleep", "--via", "ztunnel", "--method", "POST"],
+        0,
+        ("ALLOW", "ztunnel", 200, "demo/httpbin-l4", "allowed by: demo/httpbin-l4"),
+    ),
+    (
+        "--via ztunnel, another identity: 401",
+        ["--from-principal", "cluster.local/ns/x/sa/y", "--via", "ztunnel"],
+        1,
+        ("DENY", "ztunnel", 401, None, "allow policies exist, but none allowed"),
+    ),
+    (
+        "plaintext: only the node proxy, denied",
+        ["--from-plaintext"],
+        1,
+        ("DENY", "ztunnel", 401, None, "allow policies exist, but none allowed"),
+    ),
+    (
+        "lower-case method: 400 at the waypoint",
+        ["--from", "demo/sleep", "--method", "get"],
+        1,
+        ("DENY", "waypoint", 400, None, "bad request: invalid method 'get': methods must be upper case"),
+    ),
 ]
 
 
@@ -117,7 +149,16 @@ def test_check_json(mesh: Path, case: str, args: list[str], code: int, expected:
     exit_code, out = as_json(mesh, *args)
     assert exit_code == code
     assert (out["decision"], out["enforced_by"], out["status"], out["policy"], out["reason"]) == expected
-    assert set(out) == {"decision", "enforced_by", "policy", "reason", "status", "hops", "dry_run", "warnings"}
+    assert set(out) == {
+        "decision",
+        "enforced_by",
+        "policy",
+        "reason",
+        "status",
+        "hops",
+        "dry_run",
+        "warnings",
+    }
 
 
 def test_hops_are_reported(mesh: Path) -> None:
@@ -144,7 +185,10 @@ def test_text_output_is_a_table(mesh: Path) -> None:
     [
         (["--to", "demo/nope", "--from", "demo/sleep"], "unknown pod demo/nope"),
         (["--to", "demo/httpbin"], "give exactly one of"),
-        (["--to", "demo/httpbin", "--from", "demo/sleep", "--header", "novalue"], "--header must be NAME=VALUE"),
+        (
+            ["--to", "demo/httpbin", "--from", "demo/sleep", "--header", "novalue"],
+            "--header must be NAME=VALUE",
+        ),
     ],
 )
 def test_bad_input_exits_2(mesh: Path, args: list[str], message: str) -> None:
@@ -177,7 +221,7 @@ kind: RequestAuthentication
 metadata: {{name: jwt, namespace: demo}}
 spec:
   targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]
-  jwtRules: [{{issuer: https://issuer, jwksUri: "file://{tmp_path / 'jwks.json'}"}}]
+  jwtRules: [{{issuer: https://issuer, jwksUri: "file://{tmp_path / "jwks.json"}"}}]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -189,17 +233,36 @@ spec:
 """
     (tmp_path / "mesh.yaml").write_text(MESH + ra)
     now = datetime.now(UTC)
-    good = jwt.encode({"iss": "https://issuer", "sub": "alice", "exp": int((now + timedelta(hours=1)).timestamp())},
-                      key, algorithm="RS256")
-    expired = jwt.encode({"iss": "https://issuer", "sub": "alice", "exp": int((now - timedelta(hours=1)).timestamp())},
-                         key, algorithm="RS256")
-    base = ["-f", str(tmp_path / "mesh.yaml"), "--to", "demo/httpbin", "--from", "demo/sleep", "--path", "/get", "-o",
-            "json"]
+    good = jwt.encode(
+        {"iss": "https://issuer", "sub": "alice", "exp": int((now + timedelta(hours=1)).timestamp())},
+        key,
+        algorithm="RS256",
+    )
+    expired = jwt.encode(
+        {"iss": "https://issuer", "sub": "alice", "exp": int((now - timedelta(hours=1)).timestamp())},
+        key,
+        algorithm="RS256",
+    )
+    base = [
+        "-f",
+        str(tmp_path / "mesh.yaml"),
+        "--to",
+        "demo/httpbin",
+        "--from",
+        "demo/sleep",
+        "--path",
+        "/get",
+        "-o",
+        "json",
+    ]
     code, out = run(*base, "--jwt", good)
     assert code == 0, out
     code, out = run(*base, "--jwt", expired)
-    assert (code, json.loads(out)["status"], json.loads(out)["reason"]) == (1, 401,
-                                                                           "jwt authentication failed: Jwt is expired")
+    assert (code, json.loads(out)["status"], json.loads(out)["reason"]) == (
+        1,
+        401,
+        "jwt authentication failed: Jwt is expired",
+    )
     code, out = run(*base)
     assert (code, json.loads(out)["status"], json.loads(out)["policy"]) == (1, 403, "demo/need-jwt")
 
@@ -207,13 +270,34 @@ spec:
 def test_console_script_subprocess(mesh: Path) -> None:
     exe = Path(sys.executable).parent / "zerotunnel"
     proc = subprocess.run(
-        [str(exe), "authz", "check", "-f", str(mesh), "--to", "demo/httpbin", "--from", "demo/sleep",
-         "--method", "DELETE", "-o", "json"],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            str(exe),
+            "authz",
+            "check",
+            "-f",
+            str(mesh),
+            "--to",
+            "demo/httpbin",
+            "--from",
+            "demo/sleep",
+            "--method",
+            "DELETE",
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 1, proc.stderr
     assert json.loads(proc.stdout)["enforced_by"] == "waypoint"
-    proc = subprocess.run([str(exe), "authz", "check", "-f", str(mesh), "--to", "demo/ghost", "--from-plaintext"],
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [str(exe), "authz", "check", "-f", str(mesh), "--to", "demo/ghost", "--from-plaintext"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 2
     assert "unknown pod demo/ghost" in proc.stderr

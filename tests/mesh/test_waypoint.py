@@ -20,7 +20,8 @@ spec: {{gatewayClassName: {cls}, listeners: [{{name: mesh, port: 15008, protocol
 
 
 def mesh(ns_labels: str = "", svc_labels: str = "", pod_labels: str = "", extra: str = "") -> Config:
-    text = f"""
+    text = (
+        f"""
 apiVersion: v1
 kind: Namespace
 metadata: {{name: demo, labels: {{istio.io/dataplane-mode: ambient{ns_labels}}}}}
@@ -38,9 +39,15 @@ apiVersion: v1
 kind: Service
 metadata: {{name: api, namespace: demo, labels: {{app: api{svc_labels}}}}}
 spec: {{selector: {{app: api}}, ports: [{{port: 80, targetPort: 8080}}]}}
-""" + gw("ns-wp", waypoint_for_="all") + gw("svc-wp") + gw("wl-wp", waypoint_for_="workload") + gw(
-        "shared", ns="infra", waypoint_for_="all") + gw("none-wp", waypoint_for_="none") + gw(
-        "not-a-waypoint", cls="istio") + extra
+"""
+        + gw("ns-wp", waypoint_for_="all")
+        + gw("svc-wp")
+        + gw("wl-wp", waypoint_for_="workload")
+        + gw("shared", ns="infra", waypoint_for_="all")
+        + gw("none-wp", waypoint_for_="none")
+        + gw("not-a-waypoint", cls="istio")
+        + extra
+    )
     return load([("m.yaml", text)])
 
 
@@ -60,16 +67,36 @@ CASES = [
     ("namespace label, waypoint for all", f", {U}: ns-wp", "", "", ("demo/ns-wp", "demo/ns-wp")),
     ("namespace label, waypoint for service only (default)", f", {U}: svc-wp", "", "", ("demo/svc-wp", None)),
     ("namespace label, waypoint for workload only", f", {U}: wl-wp", "", "", ("demo/wl-wp", "demo/wl-wp")),
-    ("service label beats namespace for service traffic", f", {U}: ns-wp", f", {U}: svc-wp", "",
-     ("demo/svc-wp", "demo/ns-wp")),
-    ("pod label beats namespace for workload traffic", f", {U}: ns-wp", "", f", {U}: wl-wp",
-     ("demo/ns-wp", "demo/wl-wp")),
-    ("service opts out with none: falls to the workload's", f", {U}: ns-wp", f", {U}: none", "",
-     ("demo/ns-wp", "demo/ns-wp")),
+    (
+        "service label beats namespace for service traffic",
+        f", {U}: ns-wp",
+        f", {U}: svc-wp",
+        "",
+        ("demo/svc-wp", "demo/ns-wp"),
+    ),
+    (
+        "pod label beats namespace for workload traffic",
+        f", {U}: ns-wp",
+        "",
+        f", {U}: wl-wp",
+        ("demo/ns-wp", "demo/wl-wp"),
+    ),
+    (
+        "service opts out with none: falls to the workload's",
+        f", {U}: ns-wp",
+        f", {U}: none",
+        "",
+        ("demo/ns-wp", "demo/ns-wp"),
+    ),
     ("pod opts out with none", f", {U}: ns-wp", "", f", {U}: none", ("demo/ns-wp", None)),
     ("both opt out", f", {U}: ns-wp", f", {U}: none", f", {U}: none", (None, None)),
-    ("use-waypoint-namespace label", f", {U}: shared, istio.io/use-waypoint-namespace: infra", "", "",
-     ("infra/shared", "infra/shared")),
+    (
+        "use-waypoint-namespace label",
+        f", {U}: shared, istio.io/use-waypoint-namespace: infra",
+        "",
+        "",
+        ("infra/shared", "infra/shared"),
+    ),
     ("waypoint-for none serves nothing", f", {U}: none-wp", "", "", (None, None)),
     ("missing waypoint", f", {U}: ghost", "", "", (None, None)),
     ("Gateway of another class is not a waypoint", f", {U}: not-a-waypoint", "", "", (None, None)),
@@ -77,7 +104,9 @@ CASES = [
 
 
 @pytest.mark.parametrize(("case", "ns", "svc", "pod", "expected"), CASES, ids=[c[0] for c in CASES])
-def test_waypoint_resolution(case: str, ns: str, svc: str, pod: str, expected: tuple[str | None, str | None]) -> None:
+def test_waypoint_resolution(
+    case: str, ns: str, svc: str, pod: str, expected: tuple[str | None, str | None]
+) -> None:
     config = mesh(ns, svc, pod)
     assert (name_of(config, True), name_of(config, False)) == expected
 

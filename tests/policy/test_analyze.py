@@ -29,7 +29,9 @@ spec: {serviceAccountName: sleep, containers: [{name: c, image: x}]}
 apiVersion: v1
 kind: Pod
 metadata: {name: httpbin, namespace: demo, labels: {app: httpbin}}
-spec: {serviceAccountName: httpbin, containers: [{name: c, image: x, ports: [{name: http, containerPort: 8080}]}]}
+spec:
+  serviceAccountName: httpbin
+  containers: [{name: c, image: x, ports: [{name: http, containerPort: 8080}]}]
 ---
 apiVersion: v1
 kind: Service
@@ -63,9 +65,12 @@ spec: {spec}
 """
 
 
-SEED = ap("app-a-allow-app-b-only", "{selector: {matchLabels: {app: httpbin}}, action: ALLOW, rules: [{from: "
-          "[{source: {principals: [cluster.local/ns/demo/sa/sleep]}}], to: [{operation: {methods: [GET], "
-          "paths: [/data]}}]}]}")
+SEED = ap(
+    "app-a-allow-app-b-only",
+    "{selector: {matchLabels: {app: httpbin}}, action: ALLOW, rules: [{from: "
+    "[{source: {principals: [cluster.local/ns/demo/sa/sleep]}}], to: [{operation: {methods: [GET], "
+    "paths: [/data]}}]}]}",
+)
 STRICT = """
 ---
 apiVersion: security.istio.io/v1
@@ -76,50 +81,124 @@ spec: {mtls: {mode: STRICT}}
 
 # case, extra YAML, expected (code, severity, resource), a phrase the message must contain
 CASES = [
-    ("seed example: HTTP attributes in an ALLOW enforced by ztunnel → allow nothing", SEED,
-     ("ZT002", "error", "AuthorizationPolicy demo/app-a-allow-app-b-only"), "allows nothing"),
-    ("DENY with only HTTP attributes → no-op",
-     ap("deny-post", "{action: DENY, rules: [{to: [{operation: {methods: [POST]}}]}]}"),
-     ("ZT002", "error", "AuthorizationPolicy demo/deny-post"), "no-op"),
-    ("DENY with ports + HTTP → denies more",
-     ap("deny-post-8080", "{action: DENY, rules: [{to: [{operation: {ports: ['8080'], methods: [POST]}}]}]}"),
-     ("ZT002", "warning", "AuthorizationPolicy demo/deny-post-8080"), "denies more than written"),
-    ("spiffe:// in principals",
-     ap("spiffe", "{rules: [{from: [{source: {principals: ['spiffe://cluster.local/ns/demo/sa/sleep']}}]}]}"),
-     ("ZT001", "error", "AuthorizationPolicy demo/spiffe"), "these entries never match"),
-    ("named port", ap("named", "{rules: [{to: [{operation: {ports: [http]}}]}]}"),
-     ("ZT003", "warning", "AuthorizationPolicy demo/named"), "ports http are not port numbers"),
-    ("selector matching no pod", ap("nomatch", "{selector: {matchLabels: {app: nothing}}, rules: [{}]}"),
-     ("ZT004", "warning", "AuthorizationPolicy demo/nomatch"), "matches no pod"),
-    ("namespace not in the mesh", ap("legacy-policy", "{rules: [{}]}", ns="legacy"),
-     ("ZT005", "warning", "AuthorizationPolicy legacy/legacy-policy"), "not in the ambient mesh"),
-    ("AUDIT", ap("audit", "{action: AUDIT, rules: [{}]}"), ("ZT006", "warning", "AuthorizationPolicy demo/audit"),
-     "ztunnel does not support the AUDIT action"),
-    ("CUSTOM", ap("custom", "{action: CUSTOM, provider: {name: ext}, rules: [{}]}"),
-     ("ZT006", "warning", "AuthorizationPolicy demo/custom"), "ztunnel does not support the CUSTOM action"),
-    ("targetRefs to a missing waypoint",
-     ap("l7", "{targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}], rules: [{}]}"),
-     ("ZT007", "error", "AuthorizationPolicy demo/l7"), "enforced nowhere"),
-    ("targetRefs to a Service no waypoint serves", WAYPOINT
-     + ap("svc", "{targetRefs: [{kind: Service, group: '', name: httpbin}], rules: [{}]}"),
-     ("ZT007", "error", "AuthorizationPolicy demo/svc"), "no waypoint serves it"),
-    ("targetRefs to a missing Service", ap("svc2", "{targetRefs: [{kind: Service, group: '', name: nope}], rules: [{}]}"),
-     ("ZT007", "error", "AuthorizationPolicy demo/svc2"), "does not exist"),
-    ("unknown JWT issuer", WAYPOINT + ap(
-        "jwt", "{targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}], "
-        "rules: [{from: [{source: {requestPrincipals: ['https://unknown/alice']}}]}]}"),
-     ("ZT008", "error", "AuthorizationPolicy demo/jwt"), "names issuer 'https://unknown'"),
-    ("STRICT with plaintext clients", STRICT + PLAINTEXT_POD,
-     ("ZT009", "warning", "PeerAuthentication istio-system/default"), "legacy/old"),
-    ("invalid dry-run annotation", ap("dry", "{rules: [{}]}", annotations=", annotations: {istio.io/dry-run: maybe}"),
-     ("ZT011", "warning", "AuthorizationPolicy demo/dry"), "not a boolean"),
-    ("§10.8 L4 ALLOW forgets the waypoint identity",
-     WAYPOINT
-     + ap("l4", "{selector: {matchLabels: {app: httpbin}}, rules: [{from: [{source: {principals: "
-               "[cluster.local/ns/demo/sa/sleep]}}]}]}")
-     + "\n---\napiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: demo, labels: "
-       "{istio.io/use-waypoint: waypoint}}\nspec: {selector: {app: httpbin}, ports: [{port: 80, targetPort: 8080}]}\n",
-     ("ZT010", "warning", "Pod demo/httpbin"), "waypoint's identity"),
+    (
+        "seed example: HTTP attributes in an ALLOW enforced by ztunnel → allow nothing",
+        SEED,
+        ("ZT002", "error", "AuthorizationPolicy demo/app-a-allow-app-b-only"),
+        "allows nothing",
+    ),
+    (
+        "DENY with only HTTP attributes → no-op",
+        ap("deny-post", "{action: DENY, rules: [{to: [{operation: {methods: [POST]}}]}]}"),
+        ("ZT002", "error", "AuthorizationPolicy demo/deny-post"),
+        "no-op",
+    ),
+    (
+        "DENY with ports + HTTP → denies more",
+        ap(
+            "deny-post-8080",
+            "{action: DENY, rules: [{to: [{operation: {ports: ['8080'], methods: [POST]}}]}]}",
+        ),
+        ("ZT002", "warning", "AuthorizationPolicy demo/deny-post-8080"),
+        "denies more than written",
+    ),
+    (
+        "spiffe:// in principals",
+        ap(
+            "spiffe",
+            "{rules: [{from: [{source: {principals: ['spiffe://cluster.local/ns/demo/sa/sleep']}}]}]}",
+        ),
+        ("ZT001", "error", "AuthorizationPolicy demo/spiffe"),
+        "these entries never match",
+    ),
+    (
+        "named port",
+        ap("named", "{rules: [{to: [{operation: {ports: [http]}}]}]}"),
+        ("ZT003", "warning", "AuthorizationPolicy demo/named"),
+        "ports http are not port numbers",
+    ),
+    (
+        "selector matching no pod",
+        ap("nomatch", "{selector: {matchLabels: {app: nothing}}, rules: [{}]}"),
+        ("ZT004", "warning", "AuthorizationPolicy demo/nomatch"),
+        "matches no pod",
+    ),
+    (
+        "namespace not in the mesh",
+        ap("legacy-policy", "{rules: [{}]}", ns="legacy"),
+        ("ZT005", "warning", "AuthorizationPolicy legacy/legacy-policy"),
+        "not in the ambient mesh",
+    ),
+    (
+        "AUDIT",
+        ap("audit", "{action: AUDIT, rules: [{}]}"),
+        ("ZT006", "warning", "AuthorizationPolicy demo/audit"),
+        "ztunnel does not support the AUDIT action",
+    ),
+    (
+        "CUSTOM",
+        ap("custom", "{action: CUSTOM, provider: {name: ext}, rules: [{}]}"),
+        ("ZT006", "warning", "AuthorizationPolicy demo/custom"),
+        "ztunnel does not support the CUSTOM action",
+    ),
+    (
+        "targetRefs to a missing waypoint",
+        ap(
+            "l7",
+            "{targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}], rules: [{}]}",
+        ),
+        ("ZT007", "error", "AuthorizationPolicy demo/l7"),
+        "enforced nowhere",
+    ),
+    (
+        "targetRefs to a Service no waypoint serves",
+        WAYPOINT + ap("svc", "{targetRefs: [{kind: Service, group: '', name: httpbin}], rules: [{}]}"),
+        ("ZT007", "error", "AuthorizationPolicy demo/svc"),
+        "no waypoint serves it",
+    ),
+    (
+        "targetRefs to a missing Service",
+        ap("svc2", "{targetRefs: [{kind: Service, group: '', name: nope}], rules: [{}]}"),
+        ("ZT007", "error", "AuthorizationPolicy demo/svc2"),
+        "does not exist",
+    ),
+    (
+        "unknown JWT issuer",
+        WAYPOINT
+        + ap(
+            "jwt",
+            "{targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}], "
+            "rules: [{from: [{source: {requestPrincipals: ['https://unknown/alice']}}]}]}",
+        ),
+        ("ZT008", "error", "AuthorizationPolicy demo/jwt"),
+        "names issuer 'https://unknown'",
+    ),
+    (
+        "STRICT with plaintext clients",
+        STRICT + PLAINTEXT_POD,
+        ("ZT009", "warning", "PeerAuthentication istio-system/default"),
+        "legacy/old",
+    ),
+    (
+        "invalid dry-run annotation",
+        ap("dry", "{rules: [{}]}", annotations=", annotations: {istio.io/dry-run: maybe}"),
+        ("ZT011", "warning", "AuthorizationPolicy demo/dry"),
+        "not a boolean",
+    ),
+    (
+        "§10.8 L4 ALLOW forgets the waypoint identity",
+        WAYPOINT
+        + ap(
+            "l4",
+            "{selector: {matchLabels: {app: httpbin}}, rules: [{from: [{source: {principals: "
+            "[cluster.local/ns/demo/sa/sleep]}}]}]}",
+        )
+        + "\n---\napiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: demo, labels: "
+        "{istio.io/use-waypoint: waypoint}}\nspec: {selector: {app: httpbin}, ports: "
+        "[{port: 80, targetPort: 8080}]}\n",
+        ("ZT010", "warning", "Pod demo/httpbin"),
+        "waypoint's identity",
+    ),
 ]
 
 
@@ -136,11 +215,16 @@ def test_finding(case: str, extra: str, expected: tuple[str, str, str], phrase: 
 
 
 def test_clean_configuration_has_no_findings() -> None:
-    clean = ap("allow-sleep", "{selector: {matchLabels: {app: httpbin}}, rules: [{from: [{source: {principals: "
-                              "[cluster.local/ns/demo/sa/sleep]}}], to: [{operation: {ports: ['8080']}}]}]}")
+    clean = ap(
+        "allow-sleep",
+        "{selector: {matchLabels: {app: httpbin}}, rules: [{from: [{source: {principals: "
+        "[cluster.local/ns/demo/sa/sleep]}}], to: [{operation: {ports: ['8080']}}]}]}",
+    )
     assert findings(clean + STRICT) == []
 
 
 def test_errors_sort_first() -> None:
     fs = findings(SEED + ap("named", "{rules: [{to: [{operation: {ports: [http]}}]}]}"))
-    assert [f.severity for f in fs] == sorted((f.severity for f in fs), key=("error", "warning", "info").index)
+    assert [f.severity for f in fs] == sorted(
+        (f.severity for f in fs), key=("error", "warning", "info").index
+    )

@@ -35,8 +35,14 @@ LABELS = {"app": "httpbin"}
 NOW = datetime(2026, 11, 25, tzinfo=UTC)
 
 
-def ap(name: str, *rules: Rule, ns: str = "demo", action: str = "ALLOW", selector: dict[str, str] | None = None,
-       refs: tuple[PolicyTargetReference, ...] = ()) -> AuthorizationPolicy:
+def ap(
+    name: str,
+    *rules: Rule,
+    ns: str = "demo",
+    action: str = "ALLOW",
+    selector: dict[str, str] | None = None,
+    refs: tuple[PolicyTargetReference, ...] = (),
+) -> AuthorizationPolicy:
     sel = WorkloadSelector(selector) if selector is not None else None
     return AuthorizationPolicy(ObjectMeta(name, ns), sel, refs, action, None, tuple(rules))
 
@@ -46,7 +52,9 @@ def l4(engine: Engine, identity: str | None, port: int = 8080) -> bool:
 
 
 def l7(engine: Engine, **kw: object) -> int:
-    req = L7Request(**{"method": "GET", "path": "/", "host": "httpbin", "port": 8000, "source_identity": SLEEP, **kw})  # type: ignore[arg-type]
+    req = L7Request(
+        **{"method": "GET", "path": "/", "host": "httpbin", "port": 8000, "source_identity": SLEEP, **kw}
+    )  # type: ignore[arg-type]
     return engine.check_l7("demo", "waypoint", req, now=NOW).status
 
 
@@ -83,11 +91,17 @@ def test_peer_authentication_and_authorization_compose() -> None:
 
 
 def test_status_warnings_reach_the_decision() -> None:
-    e = Engine.build([ap("http", Rule(to=()), Rule(from_=(Source(request_principals=("*",)),)), selector=LABELS),
-                      ap("audit", Rule(), action="AUDIT")])
+    e = Engine.build(
+        [
+            ap("http", Rule(to=()), Rule(from_=(Source(request_principals=("*",)),)), selector=LABELS),
+            ap("audit", Rule(), action="AUDIT"),
+        ]
+    )
     d = e.check_l4("demo", LABELS, L4Request("10.0.0.1", "10.0.1.1", 8080, SLEEP))
-    assert any(w.startswith("demo/http: ztunnel does not support HTTP attributes (found: requestPrincipals)")
-               for w in d.warnings)
+    assert any(
+        w.startswith("demo/http: ztunnel does not support HTTP attributes (found: requestPrincipals)")
+        for w in d.warnings
+    )
     assert "demo/audit: ztunnel does not support the AUDIT action (not sent to ztunnel)" in d.warnings
 
 
@@ -117,13 +131,21 @@ def test_policy_change_re_evaluation() -> None:
 def test_jwt_through_request_authentication_on_the_waypoint() -> None:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     jwks = json.dumps({"keys": [json.loads(RSAAlgorithm.to_jwk(key.public_key()))]})
-    ra = RequestAuthentication(ObjectMeta("jwt", "demo"), None, (GW,), (JwtRule("https://issuer", jwks=jwks),))
+    ra = RequestAuthentication(
+        ObjectMeta("jwt", "demo"), None, (GW,), (JwtRule("https://issuer", jwks=jwks),)
+    )
     require = ap("require-jwt", Rule(from_=(Source(request_principals=("*",)),)), refs=(GW,))
     e = Engine.build([require], [], [ra])
-    good = jwt.encode({"iss": "https://issuer", "sub": "a", "exp": int((NOW + timedelta(hours=1)).timestamp())}, key,
-                      algorithm="RS256")
-    expired = jwt.encode({"iss": "https://issuer", "sub": "a", "exp": int((NOW - timedelta(hours=1)).timestamp())},
-                         key, algorithm="RS256")
+    good = jwt.encode(
+        {"iss": "https://issuer", "sub": "a", "exp": int((NOW + timedelta(hours=1)).timestamp())},
+        key,
+        algorithm="RS256",
+    )
+    expired = jwt.encode(
+        {"iss": "https://issuer", "sub": "a", "exp": int((NOW - timedelta(hours=1)).timestamp())},
+        key,
+        algorithm="RS256",
+    )
     assert l7(e, headers=(("authorization", f"Bearer {good}"),)) == 200
     assert l7(e, headers=(("authorization", f"Bearer {expired}"),)) == 401
     assert l7(e) == 403  # no token: no request principal

@@ -78,37 +78,85 @@ def run(config: Config, **kw: object) -> dict[str, object]:
     return explain(config, q, now=NOW).to_json()
 
 
-L4_ALLOW_SLEEP = ap("allow-sleep", "{selector: {matchLabels: {app: httpbin}}, rules: [{from: [{source: {principals: "
-                                   "[cluster.local/ns/demo/sa/sleep]}}]}]}")
-L4_ALLOW_WAYPOINT = ap("allow-wp", "{selector: {matchLabels: {app: httpbin}}, rules: [{from: [{source: {principals: "
-                                   "[cluster.local/ns/demo/sa/waypoint]}}]}]}")
-L7_GET = ap("get-only", "{targetRefs: [{kind: Service, group: '', name: httpbin}], rules: [{to: [{operation: "
-                        "{methods: [GET]}}]}]}")
-SEED = ap("app-a-allow-app-b-only", "{selector: {matchLabels: {app: httpbin}}, action: ALLOW, rules: [{from: "
-          "[{source: {principals: [cluster.local/ns/demo/sa/sleep]}}], to: [{operation: {methods: [GET], "
-          "paths: [/data]}}]}]}")
+L4_ALLOW_SLEEP = ap(
+    "allow-sleep",
+    "{selector: {matchLabels: {app: httpbin}}, rules: [{from: [{source: {principals: "
+    "[cluster.local/ns/demo/sa/sleep]}}]}]}",
+)
+L4_ALLOW_WAYPOINT = ap(
+    "allow-wp",
+    "{selector: {matchLabels: {app: httpbin}}, rules: [{from: [{source: {principals: "
+    "[cluster.local/ns/demo/sa/waypoint]}}]}]}",
+)
+L7_GET = ap(
+    "get-only",
+    "{targetRefs: [{kind: Service, group: '', name: httpbin}], rules: [{to: [{operation: "
+    "{methods: [GET]}}]}]}",
+)
+SEED = ap(
+    "app-a-allow-app-b-only",
+    "{selector: {matchLabels: {app: httpbin}}, action: ALLOW, rules: [{from: "
+    "[{source: {principals: [cluster.local/ns/demo/sa/sleep]}}], to: [{operation: {methods: [GET], "
+    "paths: [/data]}}]}]}",
+)
 
 CASES = [
     # case, config extra, query, expected (decision, enforced_by, status, policy, reason)
     ("no policies: allowed at ztunnel", "", {}, ("ALLOW", "ztunnel", 200, None, "no allow policies exist")),
-    ("L4 allow matches", L4_ALLOW_SLEEP, {}, ("ALLOW", "ztunnel", 200, "demo/allow-sleep", "allowed by: demo/allow-sleep")),
-    ("L4 allow, other client", L4_ALLOW_SLEEP, {"from_principal": "cluster.local/ns/x/sa/y", "from_pod": None},
-     ("DENY", "ztunnel", 401, None, "allow policies exist, but none allowed")),
-    ("plaintext client", L4_ALLOW_SLEEP, {"from_plaintext": True, "from_pod": None},
-     ("DENY", "ztunnel", 401, None, "allow policies exist, but none allowed")),
-    ("client outside the mesh is plaintext", L4_ALLOW_SLEEP, {"from_pod": "legacy/old"},
-     ("DENY", "ztunnel", 401, None, "allow policies exist, but none allowed")),
-    ("seed example: L7 fields at ztunnel ⇒ allow nothing", SEED, {},
-     ("DENY", "ztunnel", 401, None, "allow policies exist, but none allowed")),
-    ("§10.8 waypoint then ztunnel: L4 allows only sleep ⇒ waypoint identity denied",
-     WAYPOINT + L4_ALLOW_SLEEP + L7_GET, {"via": "waypoint"},
-     ("DENY", "ztunnel", 401, None, "allow policies exist, but none allowed")),
-    ("waypoint allows GET, ztunnel allows the waypoint", WAYPOINT + L4_ALLOW_WAYPOINT + L7_GET, {"via": "waypoint"},
-     ("ALLOW", "ztunnel", 200, "demo/allow-wp", "allowed by: demo/allow-wp")),
-    ("waypoint denies POST", WAYPOINT + L4_ALLOW_WAYPOINT + L7_GET, {"via": "waypoint", "method": "POST"},
-     ("DENY", "waypoint", 403, None, "allow policies exist, but none allowed")),
-    ("--via ztunnel skips the waypoint", WAYPOINT + L4_ALLOW_SLEEP + L7_GET, {"via": "ztunnel", "method": "POST"},
-     ("ALLOW", "ztunnel", 200, "demo/allow-sleep", "allowed by: demo/allow-sleep")),
+    (
+        "L4 allow matches",
+        L4_ALLOW_SLEEP,
+        {},
+        ("ALLOW", "ztunnel", 200, "demo/allow-sleep", "allowed by: demo/allow-sleep"),
+    ),
+    (
+        "L4 allow, other client",
+        L4_ALLOW_SLEEP,
+        {"from_principal": "cluster.local/ns/x/sa/y", "from_pod": None},
+        ("DENY", "ztunnel", 401, None, "allow policies exist, but none allowed"),
+    ),
+    (
+        "plaintext client",
+        L4_ALLOW_SLEEP,
+        {"from_plaintext": True, "from_pod": None},
+        ("DENY", "ztunnel", 401, None, "allow policies exist, but none allowed"),
+    ),
+    (
+        "client outside the mesh is plaintext",
+        L4_ALLOW_SLEEP,
+        {"from_pod": "legacy/old"},
+        ("DENY", "ztunnel", 401, None, "allow policies exist, but none allowed"),
+    ),
+    (
+        "seed example: L7 fields at ztunnel ⇒ allow nothing",
+        SEED,
+        {},
+        ("DENY", "ztunnel", 401, None, "allow policies exist, but none allowed"),
+    ),
+    (
+        "§10.8 waypoint then ztunnel: L4 allows only sleep ⇒ waypoint identity denied",
+        WAYPOINT + L4_ALLOW_SLEEP + L7_GET,
+        {"via": "waypoint"},
+        ("DENY", "ztunnel", 401, None, "allow policies exist, but none allowed"),
+    ),
+    (
+        "waypoint allows GET, ztunnel allows the waypoint",
+        WAYPOINT + L4_ALLOW_WAYPOINT + L7_GET,
+        {"via": "waypoint"},
+        ("ALLOW", "ztunnel", 200, "demo/allow-wp", "allowed by: demo/allow-wp"),
+    ),
+    (
+        "waypoint denies POST",
+        WAYPOINT + L4_ALLOW_WAYPOINT + L7_GET,
+        {"via": "waypoint", "method": "POST"},
+        ("DENY", "waypoint", 403, None, "allow policies exist, but none allowed"),
+    ),
+    (
+        "--via ztunnel skips the waypoint",
+        WAYPOINT + L4_ALLOW_SLEEP + L7_GET,
+        {"via": "ztunnel", "method": "POST"},
+        ("ALLOW", "ztunnel", 200, "demo/allow-sleep", "allowed by: demo/allow-sleep"),
+    ),
 ]
 
 
@@ -120,8 +168,18 @@ def test_explain(case: str, extra: str, query: dict[str, object], expected: tupl
 
 def test_auto_follows_the_namespace_waypoint_label() -> None:
     extra = WAYPOINT + L4_ALLOW_WAYPOINT + L7_GET
-    config = load([("m.yaml", BASE.replace("istio.io/dataplane-mode: ambient}", "istio.io/dataplane-mode: ambient, "
-                                           "istio.io/use-waypoint: waypoint}") + extra)])
+    config = load(
+        [
+            (
+                "m.yaml",
+                BASE.replace(
+                    "istio.io/dataplane-mode: ambient}",
+                    "istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}",
+                )
+                + extra,
+            )
+        ]
+    )
     out = run(config, method="DELETE")
     hops = out["hops"]
     assert isinstance(hops, list)
@@ -134,7 +192,9 @@ def test_auto_follows_the_namespace_waypoint_label() -> None:
 
 def test_warnings_carry_istiod_status() -> None:
     out = run(cfg(SEED))
-    assert any("ztunnel does not support HTTP attributes (found: methods, paths)" in w for w in out["warnings"])  # type: ignore[union-attr]
+    assert any(
+        "ztunnel does not support HTTP attributes (found: methods, paths)" in w for w in out["warnings"]
+    )  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,9 @@ from zerotunnel.policy.l4 import Action, L4Policy, Rule, Scope
 
 
 def p(name: str, ns: str, scope: Scope, selector: dict[str, str] | None = None) -> L4Policy:
-    return L4Policy(name, ns, scope, Action.ALLOW, (Rule(()),), selector=tuple(sorted((selector or {}).items())))
+    return L4Policy(
+        name, ns, scope, Action.ALLOW, (Rule(()),), selector=tuple(sorted((selector or {}).items()))
+    )
 
 
 POLICIES = [
@@ -29,7 +31,11 @@ def keys(ns: str, labels: dict[str, str]) -> list[str]:
 
 def test_workload_gets_namespace_global_selector_and_root_selector_policies() -> None:
     assert keys("demo", {"app": "httpbin", "version": "v1"}) == [
-        "demo/empty-selector", "demo/httpbin", "demo/ns-wide", "istio-system/global", "istio-system/root-selector",
+        "demo/empty-selector",
+        "demo/httpbin",
+        "demo/ns-wide",
+        "istio-system/global",
+        "istio-system/root-selector",
     ]
 
 

@@ -21,8 +21,14 @@ GW = PolicyTargetReference("gateway.networking.k8s.io", "Gateway", "waypoint")
 SLEEP = "spiffe://cluster.local/ns/demo/sa/sleep"
 
 
-def ap(*rules: Rule, action: str = "ALLOW", name: str = "p", ns: str = "demo", dry: bool = False,
-       refs: tuple[PolicyTargetReference, ...] = (GW,)) -> AuthorizationPolicy:
+def ap(
+    *rules: Rule,
+    action: str = "ALLOW",
+    name: str = "p",
+    ns: str = "demo",
+    dry: bool = False,
+    refs: tuple[PolicyTargetReference, ...] = (GW,),
+) -> AuthorizationPolicy:
     return AuthorizationPolicy(ObjectMeta(name, ns), None, refs, action, None, tuple(rules), dry)
 
 
@@ -34,14 +40,27 @@ def src(**kw: tuple[str, ...]) -> tuple[Source, ...]:
     return (Source(**kw),)
 
 
-def get(path: str = "/", method: str = "GET", host: str = "httpbin.demo", port: int = 8000,
-        headers: tuple[tuple[str, str], ...] = (), identity: str | None = SLEEP, ip: str = "10.0.0.5") -> L7Request:
+def get(
+    path: str = "/",
+    method: str = "GET",
+    host: str = "httpbin.demo",
+    port: int = 8000,
+    headers: tuple[tuple[str, str], ...] = (),
+    identity: str | None = SLEEP,
+    ip: str = "10.0.0.5",
+) -> L7Request:
     return L7Request(method, path, host, port, headers, identity, ip)
 
 
-def status(policies: list[AuthorizationPolicy], request: L7Request, mode: str = "BASE",
-           authn: AuthnResult | None = None) -> int:
-    return evaluate([L7Policy.compile(p) for p in policies], request, path_normalization=mode, authn=authn).status
+def status(
+    policies: list[AuthorizationPolicy],
+    request: L7Request,
+    mode: str = "BASE",
+    authn: AuthnResult | None = None,
+) -> int:
+    return evaluate(
+        [L7Policy.compile(p) for p in policies], request, path_normalization=mode, authn=authn
+    ).status
 
 
 # ------------------------------------------------------------------ bypass matrix (security.md §1a)
@@ -53,36 +72,102 @@ ALLOW_NOT_ADMIN = [ap(Rule(to=op(not_paths=("/admin*",))))]
 # case, policies, raw path, {mode: expected status}. 200 where a known bypass remains in that mode is
 # written down on purpose: it is what Istio does, and why DECODE_AND_MERGE_SLASHES is recommended.
 BYPASS = [
-    ("/admin", DENY_ADMIN, "/admin", {"NONE": 403, "BASE": 403, "MERGE_SLASHES": 403, "DECODE_AND_MERGE_SLASHES": 403}),
-    ("//admin (CVE-2021-31920)", DENY_ADMIN, "//admin",
-     {"NONE": 200, "BASE": 200, "MERGE_SLASHES": 403, "DECODE_AND_MERGE_SLASHES": 403}),
-    ("/%2Fadmin (CVE-2021-31920)", DENY_ADMIN, "/%2Fadmin",
-     {"NONE": 200, "BASE": 200, "MERGE_SLASHES": 200, "DECODE_AND_MERGE_SLASHES": 403}),
-    ("/%5Cadmin", DENY_ADMIN, "/%5Cadmin",
-     {"NONE": 200, "BASE": 200, "MERGE_SLASHES": 200, "DECODE_AND_MERGE_SLASHES": 403}),
-    ("\\admin", DENY_ADMIN, "\\admin", {"NONE": 200, "BASE": 403, "MERGE_SLASHES": 403, "DECODE_AND_MERGE_SLASHES": 403}),
-    ("/public/../admin (CVE-2019-9901)", DENY_ADMIN, "/public/../admin",
-     {"NONE": 200, "BASE": 403, "MERGE_SLASHES": 403, "DECODE_AND_MERGE_SLASHES": 403}),
-    ("/public/%2e%2e/admin", DENY_ADMIN, "/public/%2e%2e/admin",
-     {"NONE": 200, "BASE": 403, "MERGE_SLASHES": 403, "DECODE_AND_MERGE_SLASHES": 403}),
-    ("/%61dmin unreserved escape", DENY_ADMIN, "/%61dmin",
-     {"NONE": 200, "BASE": 403, "MERGE_SLASHES": 403, "DECODE_AND_MERGE_SLASHES": 403}),
-    ("/admin#frag (CVE-2021-39156)", DENY_ADMIN, "/admin#frag",
-     {"NONE": 403, "BASE": 403, "MERGE_SLASHES": 403, "DECODE_AND_MERGE_SLASHES": 403}),
-    ("/admin?x=1 (CVE-2020-8595)", DENY_ADMIN, "/admin?x=1",
-     {"NONE": 403, "BASE": 403, "MERGE_SLASHES": 403, "DECODE_AND_MERGE_SLASHES": 403}),
-    ("/ADMIN: paths are case-sensitive", DENY_ADMIN, "/ADMIN",
-     {"NONE": 200, "BASE": 200, "MERGE_SLASHES": 200, "DECODE_AND_MERGE_SLASHES": 200}),
-    ("/admin;x matrix param: not stripped (Envoy CVE-2026-73511 class)", DENY_ADMIN, "/admin;x",
-     {"NONE": 200, "BASE": 200, "MERGE_SLASHES": 200, "DECODE_AND_MERGE_SLASHES": 200}),
-    ("/admin%00 is rejected", DENY_ADMIN, "/admin%00",
-     {"NONE": 400, "BASE": 400, "MERGE_SLASHES": 400, "DECODE_AND_MERGE_SLASHES": 400}),
-    ("prefix DENY /admin*: //admin/x", DENY_ADMIN_PREFIX, "//admin/x",
-     {"NONE": 200, "BASE": 200, "MERGE_SLASHES": 403, "DECODE_AND_MERGE_SLASHES": 403}),
-    ("ALLOW notPaths /admin*: //admin (bypass via notPaths)", ALLOW_NOT_ADMIN, "//admin",
-     {"NONE": 200, "BASE": 200, "MERGE_SLASHES": 403, "DECODE_AND_MERGE_SLASHES": 403}),
-    ("ALLOW notPaths /admin*: /x/../admin", ALLOW_NOT_ADMIN, "/x/../admin",
-     {"NONE": 200, "BASE": 403, "MERGE_SLASHES": 403, "DECODE_AND_MERGE_SLASHES": 403}),
+    (
+        "/admin",
+        DENY_ADMIN,
+        "/admin",
+        {"NONE": 403, "BASE": 403, "MERGE_SLASHES": 403, "DECODE_AND_MERGE_SLASHES": 403},
+    ),
+    (
+        "//admin (CVE-2021-31920)",
+        DENY_ADMIN,
+        "//admin",
+        {"NONE": 200, "BASE": 200, "MERGE_SLASHES": 403, "DECODE_AND_MERGE_SLASHES": 403},
+    ),
+    (
+        "/%2Fadmin (CVE-2021-31920)",
+        DENY_ADMIN,
+        "/%2Fadmin",
+        {"NONE": 200, "BASE": 200, "MERGE_SLASHES": 200, "DECODE_AND_MERGE_SLASHES": 403},
+    ),
+    (
+        "/%5Cadmin",
+        DENY_ADMIN,
+        "/%5Cadmin",
+        {"NONE": 200, "BASE": 200, "MERGE_SLASHES": 200, "DECODE_AND_MERGE_SLASHES": 403},
+    ),
+    (
+        "\\admin",
+        DENY_ADMIN,
+        "\\admin",
+        {"NONE": 200, "BASE": 403, "MERGE_SLASHES": 403, "DECODE_AND_MERGE_SLASHES": 403},
+    ),
+    (
+        "/public/../admin (CVE-2019-9901)",
+        DENY_ADMIN,
+        "/public/../admin",
+        {"NONE": 200, "BASE": 403, "MERGE_SLASHES": 403, "DECODE_AND_MERGE_SLASHES": 403},
+    ),
+    (
+        "/public/%2e%2e/admin",
+        DENY_ADMIN,
+        "/public/%2e%2e/admin",
+        {"NONE": 200, "BASE": 403, "MERGE_SLASHES": 403, "DECODE_AND_MERGE_SLASHES": 403},
+    ),
+    (
+        "/%61dmin unreserved escape",
+        DENY_ADMIN,
+        "/%61dmin",
+        {"NONE": 200, "BASE": 403, "MERGE_SLASHES": 403, "DECODE_AND_MERGE_SLASHES": 403},
+    ),
+    (
+        "/admin#frag (CVE-2021-39156)",
+        DENY_ADMIN,
+        "/admin#frag",
+        {"NONE": 403, "BASE": 403, "MERGE_SLASHES": 403, "DECODE_AND_MERGE_SLASHES": 403},
+    ),
+    (
+        "/admin?x=1 (CVE-2020-8595)",
+        DENY_ADMIN,
+        "/admin?x=1",
+        {"NONE": 403, "BASE": 403, "MERGE_SLASHES": 403, "DECODE_AND_MERGE_SLASHES": 403},
+    ),
+    (
+        "/ADMIN: paths are case-sensitive",
+        DENY_ADMIN,
+        "/ADMIN",
+        {"NONE": 200, "BASE": 200, "MERGE_SLASHES": 200, "DECODE_AND_MERGE_SLASHES": 200},
+    ),
+    (
+        "/admin;x matrix param: not stripped (Envoy CVE-2026-73511 class)",
+        DENY_ADMIN,
+        "/admin;x",
+        {"NONE": 200, "BASE": 200, "MERGE_SLASHES": 200, "DECODE_AND_MERGE_SLASHES": 200},
+    ),
+    (
+        "/admin%00 is rejected",
+        DENY_ADMIN,
+        "/admin%00",
+        {"NONE": 400, "BASE": 400, "MERGE_SLASHES": 400, "DECODE_AND_MERGE_SLASHES": 400},
+    ),
+    (
+        "prefix DENY /admin*: //admin/x",
+        DENY_ADMIN_PREFIX,
+        "//admin/x",
+        {"NONE": 200, "BASE": 200, "MERGE_SLASHES": 403, "DECODE_AND_MERGE_SLASHES": 403},
+    ),
+    (
+        "ALLOW notPaths /admin*: //admin (bypass via notPaths)",
+        ALLOW_NOT_ADMIN,
+        "//admin",
+        {"NONE": 200, "BASE": 200, "MERGE_SLASHES": 403, "DECODE_AND_MERGE_SLASHES": 403},
+    ),
+    (
+        "ALLOW notPaths /admin*: /x/../admin",
+        ALLOW_NOT_ADMIN,
+        "/x/../admin",
+        {"NONE": 200, "BASE": 403, "MERGE_SLASHES": 403, "DECODE_AND_MERGE_SLASHES": 403},
+    ),
 ]
 
 
@@ -95,10 +180,18 @@ def test_path_normalization_bypass_matrix(
 
 PUBLIC = [ap(Rule(to=op(paths=("/public*",), methods=("GET",))))]
 PUBLIC_VECTORS = [  # authz_test.go TestAuthz_PathNormalization
-    ("/public", 200), ("/public/../public", 200), ("/private", 403), ("/public/../private", 403),
-    ("/public/./../private", 403), ("/public/.././private", 403), ("/public/%2E%2E/private", 403),
-    ("/public/%2e%2e/private", 403), ("/public/%2E/%2E%2E/private", 403), ("/public/%2e/%2e%2e/private", 403),
-    ("/public/%2E%2E/%2E/private", 403), ("/public/%2e%2e/%2e/private", 403),
+    ("/public", 200),
+    ("/public/../public", 200),
+    ("/private", 403),
+    ("/public/../private", 403),
+    ("/public/./../private", 403),
+    ("/public/.././private", 403),
+    ("/public/%2E%2E/private", 403),
+    ("/public/%2e%2e/private", 403),
+    ("/public/%2E/%2E%2E/private", 403),
+    ("/public/%2e/%2e%2e/private", 403),
+    ("/public/%2E%2E/%2E/private", 403),
+    ("/public/%2e%2e/%2e/private", 403),
 ]
 
 
@@ -122,61 +215,148 @@ L7_CASES = [
     ("path prefix*", ap(Rule(to=op(paths=("/api/*",)))), get("/api/v1"), 200),
     ("path *suffix", ap(Rule(to=op(paths=("*.png",)))), get("/a/b.png"), 200),
     ("path * presence", ap(Rule(to=op(paths=("*",)))), get("/anything"), 200),
-    ("template {*} one segment", ap(Rule(to=op(paths=("/users/{*}/profile",)))), get("/users/42/profile"), 200),
-    ("template {*} not two segments", ap(Rule(to=op(paths=("/users/{*}/profile",)))), get("/users/4/2/profile"), 403),
+    (
+        "template {*} one segment",
+        ap(Rule(to=op(paths=("/users/{*}/profile",)))),
+        get("/users/42/profile"),
+        200,
+    ),
+    (
+        "template {*} not two segments",
+        ap(Rule(to=op(paths=("/users/{*}/profile",)))),
+        get("/users/4/2/profile"),
+        403,
+    ),
     ("template {*} not empty", ap(Rule(to=op(paths=("/users/{*}/profile",)))), get("/users//profile"), 403),
     ("template {**} many segments", ap(Rule(to=op(paths=("/files/{**}",)))), get("/files/a/b/c.txt"), 200),
     ("template {**} zero segments", ap(Rule(to=op(paths=("/files/{**}",)))), get("/files/"), 200),
     ("template {**} other root", ap(Rule(to=op(paths=("/files/{**}",)))), get("/etc/passwd"), 403),
-    ("host case-insensitive (CVE-2021-39155)", ap(Rule(to=op(hosts=("httpbin.demo",)))), get(host="HttpBin.Demo"), 200),
-    ("host exact does not match host:port", ap(Rule(to=op(hosts=("httpbin.demo",)))), get(host="httpbin.demo:8000"), 403),
-    ("host:* matches host:port", ap(Rule(to=op(hosts=("httpbin.demo", "httpbin.demo:*")))),
-     get(host="httpbin.demo:8000"), 200),
+    (
+        "host case-insensitive (CVE-2021-39155)",
+        ap(Rule(to=op(hosts=("httpbin.demo",)))),
+        get(host="HttpBin.Demo"),
+        200,
+    ),
+    (
+        "host exact does not match host:port",
+        ap(Rule(to=op(hosts=("httpbin.demo",)))),
+        get(host="httpbin.demo:8000"),
+        403,
+    ),
+    (
+        "host:* matches host:port",
+        ap(Rule(to=op(hosts=("httpbin.demo", "httpbin.demo:*")))),
+        get(host="httpbin.demo:8000"),
+        200,
+    ),
     ("host *.suffix", ap(Rule(to=op(hosts=("*.demo",)))), get(host="x.DEMO"), 200),
-    ("host trailing dot canonicalized", ap(Rule(to=op(hosts=("httpbin.demo",)))), get(host="httpbin.demo."), 200),
+    (
+        "host trailing dot canonicalized",
+        ap(Rule(to=op(hosts=("httpbin.demo",)))),
+        get(host="httpbin.demo."),
+        200,
+    ),
     ("notHosts case-insensitive", ap(Rule(to=op(not_hosts=("Admin.Demo",)))), get(host="admin.demo"), 403),
     ("ports", ap(Rule(to=op(ports=("8000",)))), get(), 200),
     ("ports other", ap(Rule(to=op(ports=("9000",)))), get(), 403),
     ("named port never matches at the waypoint", ap(Rule(to=op(ports=("http",)))), get(), 403),
-    ("principals: spiffe:// prepended to the value", ap(Rule(from_=src(principals=("cluster.local/ns/demo/sa/sleep",)))),
-     get(), 200),
+    (
+        "principals: spiffe:// prepended to the value",
+        ap(Rule(from_=src(principals=("cluster.local/ns/demo/sa/sleep",)))),
+        get(),
+        200,
+    ),
     ("principals written with spiffe:// never match", ap(Rule(from_=src(principals=(SLEEP,)))), get(), 403),
     ("principals, no client identity", ap(Rule(from_=src(principals=("*",)))), get(identity=None), 403),
     ("namespaces", ap(Rule(from_=src(namespaces=("demo",)))), get(), 200),
-    ("serviceAccounts exact: '.' is not a wildcard (CVE-2026-39350)",
-     ap(Rule(from_=src(service_accounts=("demo/cert-manager.io",)))),
-     get(identity="spiffe://cluster.local/ns/demo/sa/cert-managerXio"), 403),
-    ("serviceAccounts exact match", ap(Rule(from_=src(service_accounts=("demo/cert-manager.io",)))), get(identity=ID_B),
-     200),
+    (
+        "serviceAccounts exact: '.' is not a wildcard (CVE-2026-39350)",
+        ap(Rule(from_=src(service_accounts=("demo/cert-manager.io",)))),
+        get(identity="spiffe://cluster.local/ns/demo/sa/cert-managerXio"),
+        403,
+    ),
+    (
+        "serviceAccounts exact match",
+        ap(Rule(from_=src(service_accounts=("demo/cert-manager.io",)))),
+        get(identity=ID_B),
+        200,
+    ),
     ("trustDomains", ap(Rule(from_=src(trust_domains=("cluster.local",)))), get(), 200),
     ("trustDomains other", ap(Rule(from_=src(trust_domains=("example.org",)))), get(), 403),
     ("ipBlocks = direct peer", ap(Rule(from_=src(ip_blocks=("10.0.0.0/24",)))), get(), 200),
-    ("remoteIpBlocks uses remote ip", ap(Rule(from_=src(remote_ip_blocks=("192.168.0.0/16",)))),
-     L7Request("GET", "/", "h", 80, (), SLEEP, "10.0.0.5", "192.168.1.1"), 200),
-    ("header when, name case-insensitive", ap(Rule(when=(Condition("request.headers[X-Env]", ("prod",)),))),
-     get(headers=(("x-env", "prod"),)), 200),
-    ("duplicate headers joined with ','", ap(Rule(when=(Condition("request.headers[x-env]", ("prod,dev",)),))),
-     get(headers=(("x-env", "prod"), ("X-Env", "dev"))), 200),
-    ("header prefix value", ap(Rule(when=(Condition("request.headers[user-agent]", ("curl/*",)),))),
-     get(headers=(("User-Agent", "curl/8.0"),)), 200),
-    ("header missing: values fail", ap(Rule(when=(Condition("request.headers[x-env]", ("prod",)),))), get(), 403),
-    ("header missing: notValues pass", ap(Rule(when=(Condition("request.headers[x-env]", (), ("prod",)),))), get(),
-     200),
+    (
+        "remoteIpBlocks uses remote ip",
+        ap(Rule(from_=src(remote_ip_blocks=("192.168.0.0/16",)))),
+        L7Request("GET", "/", "h", 80, (), SLEEP, "10.0.0.5", "192.168.1.1"),
+        200,
+    ),
+    (
+        "header when, name case-insensitive",
+        ap(Rule(when=(Condition("request.headers[X-Env]", ("prod",)),))),
+        get(headers=(("x-env", "prod"),)),
+        200,
+    ),
+    (
+        "duplicate headers joined with ','",
+        ap(Rule(when=(Condition("request.headers[x-env]", ("prod,dev",)),))),
+        get(headers=(("x-env", "prod"), ("X-Env", "dev"))),
+        200,
+    ),
+    (
+        "header prefix value",
+        ap(Rule(when=(Condition("request.headers[user-agent]", ("curl/*",)),))),
+        get(headers=(("User-Agent", "curl/8.0"),)),
+        200,
+    ),
+    (
+        "header missing: values fail",
+        ap(Rule(when=(Condition("request.headers[x-env]", ("prod",)),))),
+        get(),
+        403,
+    ),
+    (
+        "header missing: notValues pass",
+        ap(Rule(when=(Condition("request.headers[x-env]", (), ("prod",)),))),
+        get(),
+        200,
+    ),
     ("header name with whitespace → 400", ap(Rule()), get(headers=(("x env", "1"),)), 400),
     ("NUL in header value → 400", ap(Rule()), get(headers=(("x", "a\x00b"),)), 400),
     ("when source.namespace", ap(Rule(when=(Condition("source.namespace", ("demo",)),))), get(), 200),
-    ("when source.principal", ap(Rule(when=(Condition("source.principal", ("cluster.local/ns/demo/sa/sleep",)),))),
-     get(), 200),
+    (
+        "when source.principal",
+        ap(Rule(when=(Condition("source.principal", ("cluster.local/ns/demo/sa/sleep",)),))),
+        get(),
+        200,
+    ),
     ("when source.ip", ap(Rule(when=(Condition("source.ip", ("10.0.0.5",)),))), get(), 200),
     ("when destination.port", ap(Rule(when=(Condition("destination.port", ("8000",)),))), get(), 200),
-    ("unknown when key never matches", ap(Rule(when=(Condition("experimental.envoy.filters.x", ("1",)),))), get(), 403),
-    ("from AND to AND when",
-     ap(Rule(from_=src(namespaces=("demo",)), to=op(methods=("GET",)),
-             when=(Condition("request.headers[x]", ("1",)),))), get(), 403),
+    (
+        "unknown when key never matches",
+        ap(Rule(when=(Condition("experimental.envoy.filters.x", ("1",)),))),
+        get(),
+        403,
+    ),
+    (
+        "from AND to AND when",
+        ap(
+            Rule(
+                from_=src(namespaces=("demo",)),
+                to=op(methods=("GET",)),
+                when=(Condition("request.headers[x]", ("1",)),),
+            )
+        ),
+        get(),
+        403,
+    ),
     ("ALLOW spec {}: allow nothing", ap(), get(), 403),
     ("ALLOW rules [{}]: allow all", ap(Rule()), get(), 200),
-    ("DENY methods POST at the waypoint denies POST", ap(Rule(to=op(methods=("POST",))), action="DENY"),
-     get(method="POST"), 403),
+    (
+        "DENY methods POST at the waypoint denies POST",
+        ap(Rule(to=op(methods=("POST",))), action="DENY"),
+        get(method="POST"),
+        403,
+    ),
     ("DENY methods POST lets GET through", ap(Rule(to=op(methods=("POST",))), action="DENY"), get(), 200),
     ("AUDIT never decides", ap(Rule(), action="AUDIT"), get(), 200),
     ("CUSTOM is ignored (reported)", ap(Rule(), action="CUSTOM"), get(), 200),
@@ -189,29 +369,75 @@ def test_l7_matching(case: str, policy: AuthorizationPolicy, request_: L7Request
     assert status([policy], request_) == expected
 
 
-JWT_CLAIMS = {"iss": "https://issuer", "sub": "alice", "aud": ["api"], "azp": "web", "groups": ["admin", "dev"],
-              "nested": {"role": "ops"}}
+JWT_CLAIMS = {
+    "iss": "https://issuer",
+    "sub": "alice",
+    "aud": ["api"],
+    "azp": "web",
+    "groups": ["admin", "dev"],
+    "nested": {"role": "ops"},
+}
 AUTHN_CASES = [
     ("requestPrincipals '*' needs a valid JWT", ap(Rule(from_=src(request_principals=("*",)))), None, 403),
-    ("requestPrincipals '*' with a valid JWT", ap(Rule(from_=src(request_principals=("*",)))), JWT_CLAIMS, 200),
-    ("requestPrincipals iss/sub", ap(Rule(from_=src(request_principals=("https://issuer/alice",)))), JWT_CLAIMS, 200),
-    ("requestPrincipals other sub", ap(Rule(from_=src(request_principals=("https://issuer/bob",)))), JWT_CLAIMS, 403),
-    ("notRequestPrincipals '*' denies tokenless in DENY",
-     ap(Rule(from_=src(not_request_principals=("*",))), action="DENY"), None, 403),
-    ("claims list contains", ap(Rule(when=(Condition("request.auth.claims[groups]", ("admin",)),))), JWT_CLAIMS, 200),
-    ("nested claims", ap(Rule(when=(Condition("request.auth.claims[nested][role]", ("ops",)),))), JWT_CLAIMS, 200),
-    ("nested claims other", ap(Rule(when=(Condition("request.auth.claims[nested][role]", ("dev",)),))), JWT_CLAIMS,
-     403),
+    (
+        "requestPrincipals '*' with a valid JWT",
+        ap(Rule(from_=src(request_principals=("*",)))),
+        JWT_CLAIMS,
+        200,
+    ),
+    (
+        "requestPrincipals iss/sub",
+        ap(Rule(from_=src(request_principals=("https://issuer/alice",)))),
+        JWT_CLAIMS,
+        200,
+    ),
+    (
+        "requestPrincipals other sub",
+        ap(Rule(from_=src(request_principals=("https://issuer/bob",)))),
+        JWT_CLAIMS,
+        403,
+    ),
+    (
+        "notRequestPrincipals '*' denies tokenless in DENY",
+        ap(Rule(from_=src(not_request_principals=("*",))), action="DENY"),
+        None,
+        403,
+    ),
+    (
+        "claims list contains",
+        ap(Rule(when=(Condition("request.auth.claims[groups]", ("admin",)),))),
+        JWT_CLAIMS,
+        200,
+    ),
+    (
+        "nested claims",
+        ap(Rule(when=(Condition("request.auth.claims[nested][role]", ("ops",)),))),
+        JWT_CLAIMS,
+        200,
+    ),
+    (
+        "nested claims other",
+        ap(Rule(when=(Condition("request.auth.claims[nested][role]", ("dev",)),))),
+        JWT_CLAIMS,
+        403,
+    ),
     ("audiences", ap(Rule(when=(Condition("request.auth.audiences", ("api",)),))), JWT_CLAIMS, 200),
     ("presenter", ap(Rule(when=(Condition("request.auth.presenter", ("web",)),))), JWT_CLAIMS, 200),
-    ("request.auth.principal", ap(Rule(when=(Condition("request.auth.principal", ("https://issuer/alice",)),))),
-     JWT_CLAIMS, 200),
+    (
+        "request.auth.principal",
+        ap(Rule(when=(Condition("request.auth.principal", ("https://issuer/alice",)),))),
+        JWT_CLAIMS,
+        200,
+    ),
 ]
 
 
-@pytest.mark.parametrize(("case", "policy", "claims", "expected"), AUTHN_CASES, ids=[c[0] for c in AUTHN_CASES])
-def test_request_principals_and_claims(case: str, policy: AuthorizationPolicy, claims: dict[str, object] | None,
-                                       expected: int) -> None:
+@pytest.mark.parametrize(
+    ("case", "policy", "claims", "expected"), AUTHN_CASES, ids=[c[0] for c in AUTHN_CASES]
+)
+def test_request_principals_and_claims(
+    case: str, policy: AuthorizationPolicy, claims: dict[str, object] | None, expected: int
+) -> None:
     assert status([policy], get(), authn=AuthnResult(claims=claims)) == expected
 
 
@@ -225,9 +451,19 @@ def test_decision_reasons() -> None:
     allow = L7Policy.compile(ap(Rule(to=op(methods=("GET",))), name="get-only"))
     d = evaluate([deny, allow], get("/admin"))
     assert (d.allowed, d.policy, d.rule, d.reason, d.status) == (
-        False, "demo/no-admin", 0, "explicitly denied by: demo/no-admin", 403)
+        False,
+        "demo/no-admin",
+        0,
+        "explicitly denied by: demo/no-admin",
+        403,
+    )
     d = evaluate([deny, allow], get("/x", method="POST"))
-    assert (d.allowed, d.policy, d.reason, d.status) == (False, None, "allow policies exist, but none allowed", 403)
+    assert (d.allowed, d.policy, d.reason, d.status) == (
+        False,
+        None,
+        "allow policies exist, but none allowed",
+        403,
+    )
     d = evaluate([deny, allow], get("/x"))
     assert (d.allowed, d.policy, d.reason) == (True, "demo/get-only", "allowed by: demo/get-only")
     d = evaluate([L7Policy.compile(ap(Rule(), action="DENY", name="dry", dry=True))], get())

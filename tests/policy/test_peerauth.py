@@ -18,11 +18,17 @@ MTLS = "spiffe://cluster.local/ns/demo/sa/client"
 
 
 def pa(
-    mode: str = "UNSET", ns: str = "demo", name: str = "pa", selector: dict[str, str] | None = None,
-    ports: dict[int, str] | None = None, created: int = 0,
+    mode: str = "UNSET",
+    ns: str = "demo",
+    name: str = "pa",
+    selector: dict[str, str] | None = None,
+    ports: dict[int, str] | None = None,
+    created: int = 0,
 ) -> PeerAuthentication:
     return PeerAuthentication(
-        meta=ObjectMeta(name=name, namespace=ns, creation_timestamp=datetime(2026, 1, 1 + created, tzinfo=UTC)),
+        meta=ObjectMeta(
+            name=name, namespace=ns, creation_timestamp=datetime(2026, 1, 1 + created, tzinfo=UTC)
+        ),
         selector=WorkloadSelector(selector) if selector is not None else None,
         mtls_mode=mode,
         port_level_mtls=ports or {},
@@ -48,40 +54,84 @@ CASES = [
     ("mesh PERMISSIVE", [mesh("PERMISSIVE")], {8080: True}),
     ("mesh STRICT", [mesh("STRICT")], {8080: False}),
     ("namespace STRICT", [pa("STRICT")], {8080: False}),
-    ("workload STRICT + ports 18080,19090 PERMISSIVE",
-     [wl("STRICT", {18080: "PERMISSIVE", 19090: "PERMISSIVE"})], {18080: True, 19090: True, 8080: False}),
-    ("mesh STRICT + workload (mode unset) ports PERMISSIVE",
-     [mesh("STRICT"), wl("UNSET", {18080: "PERMISSIVE", 19090: "PERMISSIVE"})],
-     {18080: True, 19090: True, 8080: False}),
-    ("mesh PERMISSIVE + workload ports STRICT",
-     [mesh("PERMISSIVE"), wl("UNSET", {18080: "STRICT", 19090: "STRICT"})], {18080: False, 19090: False, 8080: True}),
-    ("workload PERMISSIVE + port STRICT (no parent)", [wl("PERMISSIVE", {9090: "STRICT"})], {9090: False, 8080: True}),
+    (
+        "workload STRICT + ports 18080,19090 PERMISSIVE",
+        [wl("STRICT", {18080: "PERMISSIVE", 19090: "PERMISSIVE"})],
+        {18080: True, 19090: True, 8080: False},
+    ),
+    (
+        "mesh STRICT + workload (mode unset) ports PERMISSIVE",
+        [mesh("STRICT"), wl("UNSET", {18080: "PERMISSIVE", 19090: "PERMISSIVE"})],
+        {18080: True, 19090: True, 8080: False},
+    ),
+    (
+        "mesh PERMISSIVE + workload ports STRICT",
+        [mesh("PERMISSIVE"), wl("UNSET", {18080: "STRICT", 19090: "STRICT"})],
+        {18080: False, 19090: False, 8080: True},
+    ),
+    (
+        "workload PERMISSIVE + port STRICT (no parent)",
+        [wl("PERMISSIVE", {9090: "STRICT"})],
+        {9090: False, 8080: True},
+    ),
     ("DISABLE ≡ PERMISSIVE: namespace DISABLE", [pa("DISABLE")], {8080: True}),
     ("mesh STRICT, namespace DISABLE overrides", [mesh("STRICT"), pa("DISABLE")], {8080: True}),
     ("mesh STRICT, namespace UNSET inherits", [mesh("STRICT"), pa("UNSET")], {8080: False}),
     ("namespace STRICT, workload PERMISSIVE wins", [pa("STRICT"), wl("PERMISSIVE")], {8080: True}),
     ("mesh PERMISSIVE, workload STRICT", [mesh("PERMISSIVE"), wl("STRICT")], {8080: False}),
     ("workload STRICT + port DISABLE", [wl("STRICT", {8080: "DISABLE"})], {8080: True, 9090: False}),
-    ("namespace STRICT + workload UNSET port PERMISSIVE", [pa("STRICT"), wl("UNSET", {8080: "PERMISSIVE"})],
-     {8080: True, 9090: False}),
-    ("namespace STRICT + workload UNSET port STRICT: redundant", [pa("STRICT"), wl("UNSET", {8080: "STRICT"})],
-     {8080: False, 9090: False}),
-    ("workload STRICT, all ports STRICT: static strict only", [wl("STRICT", {8080: "STRICT"})],
-     {8080: False, 9090: False}),
-    ("workload DISABLE + port PERMISSIVE: nothing to do", [wl("DISABLE", {8080: "PERMISSIVE"})], {8080: True}),
-    ("root-namespace selector PeerAuthentication is ignored", [pa("STRICT", ns=ROOT, selector=LABELS)], {8080: True}),
+    (
+        "namespace STRICT + workload UNSET port PERMISSIVE",
+        [pa("STRICT"), wl("UNSET", {8080: "PERMISSIVE"})],
+        {8080: True, 9090: False},
+    ),
+    (
+        "namespace STRICT + workload UNSET port STRICT: redundant",
+        [pa("STRICT"), wl("UNSET", {8080: "STRICT"})],
+        {8080: False, 9090: False},
+    ),
+    (
+        "workload STRICT, all ports STRICT: static strict only",
+        [wl("STRICT", {8080: "STRICT"})],
+        {8080: False, 9090: False},
+    ),
+    (
+        "workload DISABLE + port PERMISSIVE: nothing to do",
+        [wl("DISABLE", {8080: "PERMISSIVE"})],
+        {8080: True},
+    ),
+    (
+        "root-namespace selector PeerAuthentication is ignored",
+        [pa("STRICT", ns=ROOT, selector=LABELS)],
+        {8080: True},
+    ),
     ("selector not matching the workload", [pa("STRICT", selector={"app": "other"})], {8080: True}),
-    ("namespace level: the oldest wins (STRICT older)",
-     [pa("PERMISSIVE", name="new", created=5), pa("STRICT", name="old", created=1)], {8080: False}),
-    ("namespace level: the oldest wins (PERMISSIVE older)",
-     [pa("PERMISSIVE", name="old", created=1), pa("STRICT", name="new", created=5)], {8080: True}),
-    ("workload level: the oldest wins", [pa("PERMISSIVE", name="a", selector=LABELS, created=1),
-                                         pa("STRICT", name="b", selector=LABELS, created=2)], {8080: True}),
+    (
+        "namespace level: the oldest wins (STRICT older)",
+        [pa("PERMISSIVE", name="new", created=5), pa("STRICT", name="old", created=1)],
+        {8080: False},
+    ),
+    (
+        "namespace level: the oldest wins (PERMISSIVE older)",
+        [pa("PERMISSIVE", name="old", created=1), pa("STRICT", name="new", created=5)],
+        {8080: True},
+    ),
+    (
+        "workload level: the oldest wins",
+        [
+            pa("PERMISSIVE", name="a", selector=LABELS, created=1),
+            pa("STRICT", name="b", selector=LABELS, created=2),
+        ],
+        {8080: True},
+    ),
     ("other namespace's policy does not apply", [pa("STRICT", ns="other")], {8080: True}),
     # istiod code, operator precedence included (convertPeerAuthentication): a STRICT port under a mesh STRICT
     # parent is skipped even when the workload itself is PERMISSIVE, so plaintext passes on that port.
-    ("quirk: mesh STRICT + workload PERMISSIVE + port STRICT → port not enforced",
-     [mesh("STRICT"), wl("PERMISSIVE", {9090: "STRICT"})], {9090: True, 8080: True}),
+    (
+        "quirk: mesh STRICT + workload PERMISSIVE + port STRICT → port not enforced",
+        [mesh("STRICT"), wl("PERMISSIVE", {9090: "STRICT"})],
+        {9090: True, 8080: True},
+    ),
 ]
 
 
@@ -96,8 +146,25 @@ def test_static_strict_policy_shape() -> None:
     r = effective([mesh("STRICT")], "demo", LABELS, ROOT)
     assert r.policies == (
         L4Policy(
-            STATIC_STRICT_NAME, ROOT, Scope.WORKLOAD_SELECTOR, Action.DENY,
-            (Rule((Clause((Match(not_principals=(r.policies[0].rules[0].clauses[0].matches[0].not_principals)),)),)),),
+            STATIC_STRICT_NAME,
+            ROOT,
+            Scope.WORKLOAD_SELECTOR,
+            Action.DENY,
+            (
+                Rule(
+                    (
+                        Clause(
+                            (
+                                Match(
+                                    not_principals=(
+                                        r.policies[0].rules[0].clauses[0].matches[0].not_principals
+                                    )
+                                ),
+                            )
+                        ),
+                    )
+                ),
+            ),
             source="PeerAuthentication",
         ),
     )
