@@ -51,10 +51,8 @@ def l4(engine: Engine, identity: str | None, port: int = 8080) -> bool:
     return engine.check_l4("demo", LABELS, L4Request("10.0.0.1", "10.0.1.1", port, identity)).allowed
 
 
-def l7(engine: Engine, **kw: object) -> int:
-    req = L7Request(
-        **{"method": "GET", "path": "/", "host": "httpbin", "port": 8000, "source_identity": SLEEP, **kw}
-    )  # type: ignore[arg-type]
+def l7(engine: Engine, path: str = "/", headers: tuple[tuple[str, str], ...] = ()) -> int:
+    req = L7Request("GET", path, "httpbin", 8000, headers, SLEEP)
     return engine.check_l7("demo", "waypoint", req, now=NOW).status
 
 

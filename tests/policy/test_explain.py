@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -73,8 +74,8 @@ spec: {spec}
 """
 
 
-def run(config: Config, **kw: object) -> dict[str, object]:
-    q = CheckQuery(**{"to": "demo/httpbin", "from_pod": "demo/sleep", **kw})  # type: ignore[arg-type]
+def run(config: Config, **kw: Any) -> dict[str, Any]:
+    q = CheckQuery(**{"to": "demo/httpbin", "from_pod": "demo/sleep", **kw})
     return explain(config, q, now=NOW).to_json()
 
 
@@ -186,15 +187,15 @@ def test_auto_follows_the_namespace_waypoint_label() -> None:
     assert [h["hop"] for h in hops] == ["waypoint"]
     assert out["status"] == 403
     out = run(config)
-    assert [h["hop"] for h in out["hops"]] == ["waypoint", "ztunnel"]  # type: ignore[union-attr]
-    assert out["hops"][1]["source"] == "waypoint demo/waypoint"  # type: ignore[index]
+    assert [h["hop"] for h in out["hops"]] == ["waypoint", "ztunnel"]
+    assert out["hops"][1]["source"] == "waypoint demo/waypoint"
 
 
 def test_warnings_carry_istiod_status() -> None:
     out = run(cfg(SEED))
     assert any(
         "ztunnel does not support HTTP attributes (found: methods, paths)" in w for w in out["warnings"]
-    )  # type: ignore[union-attr]
+    )
 
 
 @pytest.mark.parametrize(
