@@ -15,8 +15,8 @@ import argparse
 import platform
 import time
 from collections.abc import Callable
-from functools import partial
 from datetime import UTC, datetime
+from functools import partial
 
 from zerotunnel.config.model import (
     AuthorizationPolicy,
