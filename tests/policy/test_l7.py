@@ -3,7 +3,11 @@ bypass matrix, and the waypoint decision order. Every row states the expected st
 
 from __future__ import annotations
 
+import random
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from zerotunnel.config.model import (
     AuthorizationPolicy,
@@ -495,3 +499,59 @@ def test_canonical_host() -> None:
     assert canonical_host("Example.COM.") == "example.com"
     assert canonical_host("Example.com.:8080") == "example.com:8080"
     assert canonical_host("[::1]") == "[::1]"
+
+
+# ------------------------------------------------------------------------------ Hypothesis invariants
+
+_OPS = st.builds(
+    Operation,
+    methods=st.lists(st.sampled_from(["GET", "POST"]), max_size=1).map(tuple),
+    paths=st.lists(st.sampled_from(["/admin*", "/api/{*}", "/x"]), max_size=1).map(tuple),
+)
+_SRCS = st.builds(Source, namespaces=st.lists(st.sampled_from(["demo", "other"]), max_size=1).map(tuple))
+_RULES = st.builds(
+    Rule, from_=st.lists(_SRCS, max_size=1).map(tuple), to=st.lists(_OPS, max_size=1).map(tuple)
+)
+
+
+@st.composite
+def _policies(draw: st.DrawFn) -> list[AuthorizationPolicy]:
+    n = draw(st.integers(0, 4))
+    return [
+        ap(
+            *draw(st.lists(_RULES, max_size=2)),
+            action=draw(st.sampled_from(["ALLOW", "DENY"])),
+            name=f"p{i}",
+            dry=draw(st.booleans()),
+        )
+        for i in range(n)
+    ]
+
+
+_REQS = st.builds(
+    get,
+    path=st.sampled_from(["/admin/x", "/api/1", "/x", "//admin", "/api/1/2"]),
+    method=st.sampled_from(["GET", "POST"]),
+    identity=st.sampled_from([SLEEP, "spiffe://cluster.local/ns/other/sa/c", None]),
+)
+
+
+@settings(max_examples=120, deadline=None)
+@given(_policies(), _REQS, st.randoms())
+def test_l7_invariants(pols: list[AuthorizationPolicy], request_: L7Request, rnd: random.Random) -> None:
+    compiled = [L7Policy.compile(p) for p in pols]
+    base = evaluate(compiled, request_)
+    shuffled = list(compiled)
+    rnd.shuffle(shuffled)
+    assert evaluate(shuffled, request_) == base  # order never matters
+    deny_all = L7Policy.compile(ap(Rule(), action="DENY", name="zz-deny"))
+    assert evaluate([*compiled, deny_all], request_).status == 403  # a matching DENY always wins
+    nothing = L7Policy.compile(ap(action="DENY", name="zz-nothing"))
+    assert evaluate([*compiled, nothing], request_).allowed is base.allowed  # matches nothing: no change
+    enforced = [c for c in compiled if not c.source.dry_run]
+    dry = [
+        L7Policy.compile(ap(*c.source.rules, action=c.action, name=f"dry-{c.key}", dry=True))
+        for c in compiled
+    ]
+    a, b = evaluate(enforced, request_), evaluate([*enforced, *dry], request_)
+    assert (a.allowed, a.policy, a.status) == (b.allowed, b.policy, b.status)  # dry-run never changes it

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from zerotunnel.policy.normalize import BadRequest, normalize, remove_dot_segments
 
@@ -67,3 +69,26 @@ def test_unknown_mode() -> None:
 def test_remove_dot_segments_rfc_examples() -> None:
     assert remove_dot_segments("/a/b/c/./../../g") == "/a/g"
     assert remove_dot_segments("/mid/content=5/../6") == "/mid/6"
+
+
+# ------------------------------------------------------------------------------ Hypothesis invariants
+
+_ALPHABET = ["/", "//", ".", "..", "a", "b", "%2e", "%2E", "%2f", "%5c", "\\", "%41", "%25", "?q", "#f", ";x"]
+paths = st.lists(st.sampled_from(_ALPHABET), max_size=12).map(lambda parts: "/" + "".join(parts))
+
+
+@settings(max_examples=300, deadline=None)
+@given(paths, st.sampled_from([B, M, D]))
+def test_normalization_is_idempotent_and_leaves_no_dot_segments(raw: str, mode: str) -> None:
+    once = normalize(raw, mode).path
+    assert normalize(once, mode).path == once
+    segments = once.split("/")
+    assert "." not in segments
+    assert ".." not in segments
+    assert "#" not in once
+    assert "?" not in once
+    if mode != B:
+        assert "//" not in once
+    if mode == D:
+        assert "%2F" not in once.upper()
+        assert "%5C" not in once.upper()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 
 from zerotunnel.config.model import AuthorizationPolicy, Config, PeerAuthentication, RequestAuthentication
@@ -151,10 +151,7 @@ class Engine:
             params = _query_params(request.path)
         authn: AuthnResult = authenticate(ras, headers, params, now, jwks_by_uri)
         policies = self.waypoint_policies(waypoint_namespace, waypoint_name, service)
-        decision = l7.evaluate(policies, request, path_normalization=self.path_normalization, authn=authn)
-        if authn.claims is not None:
-            return replace(decision, warnings=(*decision.warnings, f"request principal: {authn.principal}"))
-        return decision
+        return l7.evaluate(policies, request, path_normalization=self.path_normalization, authn=authn)
 
 
 def _query_params(target: str) -> dict[str, str]:
