@@ -25,7 +25,7 @@ from h2.errors import ErrorCodes
 from h2.frame_buffer import FrameBuffer
 from hpack.exceptions import HPACKError
 from hyperframe.exceptions import HyperframeError
-from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame, PushPromiseFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, Frame, HeadersFrame, PushPromiseFrame
 
 from zerotunnel.hbone.authority import AuthorityError, HboneAuthority, parse_authority
 from zerotunnel.hbone.events import (
@@ -44,6 +44,16 @@ from zerotunnel.hbone.events import (
 )
 from zerotunnel.hbone.headers import connect_request_headers
 
+
+def _data_frame_body_repr(self: DataFrame) -> str:
+    return f"<{len(self.data)} bytes>"
+
+
+# h2 logs `repr(frame)` for every received frame, eagerly, even with logging off; for DATA that
+# re-serializes and hex-encodes the whole payload (up to 1 MiB): ~15% of the server's CPU in
+# bench/bench_hbone.py's profile. A length is all a log line needs.
+DataFrame._body_repr = _data_frame_body_repr  # type: ignore[method-assign,assignment]
+
 KiB = 1024
 MiB = 1024 * KiB
 _DEFAULT_WINDOW = 65_535
@@ -61,6 +71,10 @@ class HboneSettings:
     # Per-stream bytes the protocol holds for a peer that has not opened its window; the shell
     # pauses its source above this (ztunnel's server `max_send_buffer_size`, 400 KiB).
     max_send_buffer: int = 400 * KiB
+    # DATA frames we send: ≤ the peer's max frame size (1 MiB). Smaller frames fit in one socket
+    # read on the other side, so h2's frame buffer never re-copies a frame being reassembled;
+    # performance.md §4.2 measured 64 KiB frames fastest for pure-Python h2.
+    send_frame_size: int = 256 * KiB
 
 
 SERVER_SETTINGS = HboneSettings()
@@ -256,7 +270,7 @@ class _HboneConnection:
                 if window <= 0:
                     out.was_blocked = True
                     return False
-                limit = min(window, conn.max_outbound_frame_size)
+                limit = min(window, conn.max_outbound_frame_size, self.settings.send_frame_size)
                 chunk = out.chunks[0]
                 if len(chunk) <= limit:
                     out.chunks.popleft()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,11 +116,10 @@ class _ClientConnection(HboneConnectionProtocol):
                 self._ping_deadline.cancel()
                 self._ping_deadline = None
             self._schedule_ping()
-        elif isinstance(event, PeerSettingsChanged):
+        elif isinstance(event, PeerSettingsChanged) and not self.ready.done():
             # Ready only once the server's SETTINGS are known: opening streams before we know its
             # SETTINGS_MAX_CONCURRENT_STREAMS could overrun it (§1.5: capped by the server).
-            if not self.ready.done():
-                self.ready.set_result(None)
+            self.ready.set_result(None)
 
     def stream_forgotten(self, stream: HboneStream) -> None:
         fut = self._responses.pop(stream.stream_id, None)
@@ -180,8 +180,10 @@ class HbonePool:
         clock: Callable[[], datetime] | None = None,
         settings: HboneSettings = CLIENT_SETTINGS,
         limits: AbuseLimits | None = None,
+        sock_factory: Callable[[socket.AddressFamily], socket.socket] | None = None,
     ) -> None:
         self._credentials = credentials
+        self.sock_factory = sock_factory
         self.max_streams = max_streams
         self.idle_timeout = idle_timeout
         self.ping_interval = ping_interval
@@ -258,7 +260,8 @@ class HbonePool:
         host, port = key.dst
         try:
             conn = await open_tcp(lambda: _ClientConnection(self, key, ctx, creds), host, port,
-                                  bind_ip=key.src_ip, mark=self.mark, timeout=self.connect_timeout)
+                                  bind_ip=key.src_ip, mark=self.mark, timeout=self.connect_timeout,
+                                  sock_factory=self.sock_factory)
         except TimeoutError:
             raise HboneConnectError(
                 "connection timed out, maybe a NetworkPolicy is blocking HBONE port 15008: "
