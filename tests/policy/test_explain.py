@@ -213,3 +213,36 @@ def test_bad_input(query: dict[str, object], message: str) -> None:
     with pytest.raises(InputError) as exc:
         run(cfg(), **query)
     assert message in exc.value.message
+
+
+def test_service_or_pod_addressing_picks_the_waypoint() -> None:
+    """§2.4: a workload waypoint (pod label, waypoint-for workload) serves traffic to the pod IP only;
+    traffic to the Service's clusterIP goes straight to the node proxy."""
+    text = (
+        BASE.replace(
+            "metadata: {name: httpbin, namespace: demo, labels: {app: httpbin}}",
+            "metadata: {name: httpbin, namespace: demo, labels: {app: httpbin, istio.io/use-waypoint: wl}}",
+        ).replace(
+            "spec: {selector: {app: httpbin},", "spec: {clusterIP: 10.96.0.10, selector: {app: httpbin},"
+        )
+        + WAYPOINT.replace(
+            "name: waypoint, namespace: demo}",
+            "name: wl, namespace: demo, labels: {istio.io/waypoint-for: workload}}",
+        )
+        + ap(
+            "deny-all-at-wl",
+            "{targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: wl}], "
+            "action: DENY, rules: [{}]}",
+        )
+    )
+    config = load([("m.yaml", text)])
+    to_service = run(config, to_ip="10.96.0.10")
+    assert (to_service["decision"], [h["hop"] for h in to_service["hops"]]) == ("ALLOW", ["ztunnel"])
+    assert any("serves only traffic addressed to the pod" in w for w in to_service["warnings"])
+    assert to_service["hops"][0]["destination"] == "demo/httpbin 10.255.1.1:8080"  # never the VIP (§10.7)
+    to_pod = run(config, to_ip="10.244.2.7")
+    assert (to_pod["decision"], to_pod["enforced_by"], to_pod["policy"]) == (
+        "DENY",
+        "waypoint",
+        "demo/deny-all-at-wl",
+    )

@@ -5,11 +5,13 @@ users-spiffe-conventions.md §5.2 and istio-ambient.md §6.1. Labels `istio.io/u
 Namespace, a Service or a Pod to a Gateway of class `istio-waypoint`; the Gateway's
 `istio.io/waypoint-for` label (service by default, workload, all, none) says which traffic it takes.
 
-Precedence follows what istiod computes and ztunnel uses: traffic addressed to a service goes to the
-service's waypoint (Service label, else Namespace label, for a waypoint that takes `service`
-traffic); failing that — and for traffic addressed to a pod directly — the workload's waypoint (Pod
-label, else Namespace label, for a waypoint that takes `workload` traffic). A more specific label
-always wins over the namespace's, including `none`, which opts the object out.
+Precedence follows what istiod computes and ztunnel's `build_request` uses (istio-ambient.md §2.4):
+traffic addressed to a service goes to the service's waypoint (Service label, else Namespace label,
+for a waypoint that takes `service` traffic) and never to a workload waypoint; traffic addressed to a
+pod directly goes to the workload's waypoint (Pod label, else Namespace label, for a waypoint that
+takes `workload` traffic). A more specific label always wins over the namespace's, including `none`,
+which opts the object out. Clients outside the mesh never go through a waypoint (§2.4); that is the
+caller's concern.
 """
 
 from __future__ import annotations
@@ -135,15 +137,8 @@ def services_of(config: Config, pod: Pod) -> list[Service]:
 
 
 def waypoint_for(config: Config, pod: Pod, service: Service | None = None) -> WaypointBinding | None:
-    """The waypoint traffic to `pod` goes through: via `service` when the client addressed it,
-    else directly. Only a binding with a gateway is returned from the service step; a service without
-    a usable waypoint falls through to the workload's waypoint, as ztunnel does."""
+    """The waypoint traffic to `pod` goes through: the service's when the client addressed `service`
+    (§2.4 step 1), else the workload's (§2.4 step 4: only for traffic not addressed to a service)."""
     if service is not None:
-        binding = for_service(config, service)
-        if binding is not None and binding.gateway is not None:
-            return binding
-        workload = for_pod(config, pod)
-        if workload is not None and workload.gateway is not None:
-            return workload
-        return binding or workload
+        return for_service(config, service)
     return for_pod(config, pod)

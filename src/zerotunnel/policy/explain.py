@@ -15,7 +15,7 @@ from typing import Any
 
 from zerotunnel.config.model import Config, K8sGateway, Pod, Service
 from zerotunnel.errors import InputError
-from zerotunnel.mesh.waypoint import WaypointBinding, services_of, waypoint_for
+from zerotunnel.mesh.waypoint import WaypointBinding, for_pod, services_of, waypoint_for
 from zerotunnel.policy.decision import Decision
 from zerotunnel.policy.engine import Engine
 from zerotunnel.policy.l4 import SPIFFE_PREFIX, L4Request, parse_identity
@@ -110,10 +110,14 @@ def _pod(config: Config, ref: str, what: str) -> Pod:
     return pod
 
 
-def _service_for_port(config: Config, pod: Pod, port: int) -> tuple[Service, int] | None:
-    """The first Service selecting `pod` whose targetPort resolves to `port`, with its service port."""
+def _service_for_port(config: Config, pod: Pod, port: int, to_ip: str | None) -> tuple[Service, int] | None:
+    """The Service the client addressed: one selecting `pod` whose targetPort resolves to `port`.
+    With `--to-ip`, only a Service whose clusterIP it is; any other address means the client
+    dialled the pod itself (istio-ambient.md §2.4 decides waypoints by this)."""
     named = {cp.name: cp.container_port for c in pod.containers for cp in c.ports if cp.name}
     for svc in services_of(config, pod):
+        if to_ip is not None and svc.cluster_ip != to_ip:
+            continue
         for sp in svc.ports:
             target = sp.target_port if isinstance(sp.target_port, int) else named.get(sp.target_port)
             if target == port:
@@ -191,14 +195,15 @@ def explain(
     dst_label = f"{dst.meta.namespace}/{dst.meta.name}"
     identity, src_ip, src_label = _source(config, q, warnings)
     port = q.port or next((cp.container_port for c in dst.containers for cp in c.ports), 80)
-    dst_ip = q.to_ip or dst.pod_ip or PLACEHOLDER_DST_IP
     if not config.pod_is_ambient(dst):
         warnings.append(
             f"destination {dst_label} is not in the ambient mesh: no node proxy or waypoint enforces policy"
         )
         reason = "destination not in the ambient mesh"
         return Explanation(True, None, None, reason, 200, (), (), tuple(warnings))
-    svc = _service_for_port(config, dst, port)
+    svc = _service_for_port(config, dst, port, q.to_ip)
+    # §4.2/§10.7: the node proxy sees the pod IP and target port, never the Service VIP
+    dst_ip = (q.to_ip if q.to_ip and not svc else None) or dst.pod_ip or PLACEHOLDER_DST_IP
     binding: WaypointBinding | None = None
     if q.via != "ztunnel":
         binding = waypoint_for(config, dst, svc[0] if svc else None)
@@ -206,6 +211,14 @@ def explain(
             binding = _forced_waypoint(config, dst, svc[0] if svc else None, binding, warnings)
         if binding is not None and binding.gateway is None:
             warnings.append(binding.note)
+        own = for_pod(config, dst) if svc else None
+        if own is not None and own.gateway is not None and (binding is None or binding.gateway is None):
+            warnings.append(
+                f"the pod's own waypoint {own.gateway.meta.namespace}/{own.gateway.meta.name} serves "
+                "only traffic "
+                f"addressed to the pod (--to-ip {dst.pod_ip or 'POD_IP'}), not traffic to service "
+                f"{svc[0].meta.name if svc else ''}"
+            )
         if binding is not None and binding.gateway is not None and identity is None and q.via == "auto":
             warnings.append(
                 "a plaintext client has no node proxy to send it to the waypoint: only the "
