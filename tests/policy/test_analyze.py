@@ -180,6 +180,14 @@ CASES = [
         "legacy/old",
     ),
     (
+        "RequestAuthentication with a selector in an ambient namespace",
+        "\n---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: "
+        "{name: jwt, namespace: demo}\n"
+        "spec: {selector: {matchLabels: {app: httpbin}}, jwtRules: [{issuer: https://issuer}]}\n",
+        ("ZT012", "warning", "RequestAuthentication demo/jwt"),
+        "no JWT is validated",
+    ),
+    (
         "invalid dry-run annotation",
         ap("dry", "{rules: [{}]}", annotations=", annotations: {istio.io/dry-run: maybe}"),
         ("ZT011", "warning", "AuthorizationPolicy demo/dry"),

@@ -283,6 +283,28 @@ def _check_jwt(config: Config, out: list[Finding]) -> None:
                         )
 
 
+def _check_request_authentication(config: Config, out: list[Finding]) -> None:
+    """users-spiffe-conventions.md §1.2 (istio#45502): in ambient a waypoint applies only `targetRefs`
+    RequestAuthentications; a selector-only one in an ambient namespace validates nothing."""
+    for ra in config.request_authentications:
+        ns = ra.meta.namespace
+        if ra.target_refs or ns == config.mesh.root_namespace or not config.is_ambient(ns):
+            continue
+        out.append(
+            Finding(
+                "ZT012",
+                "warning",
+                _res("RequestAuthentication", ns, ra.meta.name),
+                "this RequestAuthentication uses a selector (or none) in an ambient namespace: "
+                "waypoints apply "
+                "only targetRefs policies and node proxies do not parse HTTP, so no JWT is validated",
+                "attach it with targetRefs to the waypoint Gateway or the Service, like the "
+                "AuthorizationPolicy "
+                "that uses requestPrincipals",
+            )
+        )
+
+
 def _check_strict_plaintext(config: Config, engine: Engine, out: list[Finding]) -> None:
     plaintext = [p for p in config.pods if not config.pod_is_ambient(p)]
     if not plaintext:
@@ -358,6 +380,7 @@ def analyze(config: Config) -> list[Finding]:
     for ap in config.authorization_policies:
         _check_authorization(config, ap, out)
     _check_jwt(config, out)
+    _check_request_authentication(config, out)
     _check_strict_plaintext(config, engine, out)
     _check_waypoint_identity(config, engine, out)
     return sorted(out, key=lambda f: (SEVERITIES.index(f.severity), f.resource, f.code, f.message))

@@ -32,3 +32,15 @@ class Decision:
     status: int
     dry_run_hits: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+
+
+RBAC_DENIED_BODY = "RBAC: access denied"
+"""The waypoint's 403 body (istio-ambient.md §6.2), so clients and tests see Envoy's bytes."""
+
+POLICY_CHANGE = "connection closed due to policy change"
+"""Error for a live connection that a new snapshot denies (istio-ambient.md §4.3, §10.12)."""
+
+
+def rejection_message(decision: Decision) -> str:
+    """ztunnel's connection error for a denial (istio-ambient.md §4.3), for logs and HBONE 401s."""
+    return f"connection closed due to policy rejection: {decision.reason}"
