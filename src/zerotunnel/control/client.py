@@ -1,0 +1,301 @@
+"""The node side of the control plane API: enrolment, the node identity on disk, and `GrpcCaClient`.
+
+Enrolment (DESIGN.md §3): the node generates a key, sends a CSR with its join token to the enrolment
+port, and gets its node SVID (`spiffe://<td>/zerotunnel/node/<NAME>`). The server is authenticated
+against a root the operator hands over out of band (`--ca-root FILE`, the control plane's
+`<state-dir>/ca/root-cert.pem`); there is deliberately no trust-on-first-use, because the join token
+would be sent to whoever answered first.
+
+The identity is kept in `<state-dir>/node/` (`node-key.pem` 0600, `node-cert.pem`, `root-cert.pem`,
+`node.json`), written atomically (security.md §1e), so a restarted node reuses it instead of needing a new
+token; it is renewed over mTLS at half-life (§3.4), like every other certificate.
+
+`GrpcCaClient` implements `node.certs.CaClient`: it asks `CreateCertificate` with metadata
+`ImpersonatedIdentity` (spec/istio-ambient.md §3.2) and checks that the leaf it gets back names exactly the
+identity it asked for (ztunnel does the same).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from google.protobuf import struct_pb2  # type: ignore[import-untyped]
+
+from zerotunnel.control.castore import write_files
+from zerotunnel.errors import InputError, ZerotunnelError
+from zerotunnel.identity.ca import IssuedChain
+from zerotunnel.identity.csr import generate_key, make_csr, private_key_pem, signature_hash
+from zerotunnel.identity.rotation import needs_refresh, refresh_at
+from zerotunnel.identity.spiffe import SpiffeId
+from zerotunnel.identity.verify import VerificationError, svid_identity
+from zerotunnel.proto import ca_pb2, ca_pb2_grpc, enrol_pb2, enrol_pb2_grpc
+
+log = logging.getLogger("zerotunnel.control.client")
+
+SERVER_NAME = "istiod.istio-system.svc"
+IMPERSONATED_IDENTITY = "ImpersonatedIdentity"
+NODE_DIR = "node"
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class ControlPlaneError(ZerotunnelError):
+    """The control plane refused or could not be reached; `code` is the gRPC status name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.detail = message
+
+
+def _enrolment_address(ca_address: str) -> str:
+    host, sep, port = ca_address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise InputError(f"control plane address {ca_address!r}: expected HOST:PORT")
+    return f"{host}:{int(port) + 1}"
+
+
+def _channel_options(server_name: str) -> list[tuple[str, object]]:
+    return [("grpc.ssl_target_name_override", server_name), ("grpc.default_authority", server_name)]
+
+
+def _rpc_error(exc: grpc.aio.AioRpcError) -> ControlPlaneError:
+    return ControlPlaneError(exc.code().name, exc.details() or "")
+
+
+def chain_from_response(cert_chain: list[str], expected: SpiffeId) -> IssuedChain:
+    """IstioCertificateResponse.cert_chain (§3.2) → IssuedChain, checking the leaf names `expected`."""
+    if len(cert_chain) < 2:
+        raise ControlPlaneError("INTERNAL", f"cert_chain has {len(cert_chain)} elements, need leaf and roots")
+    leaf_pem = cert_chain[0].encode()
+    try:
+        got = svid_identity(x509.load_pem_x509_certificate(leaf_pem))
+    except (ValueError, VerificationError) as exc:
+        raise ControlPlaneError("INTERNAL", f"control plane returned an unusable leaf: {exc}") from None
+    if got != expected:
+        raise ControlPlaneError(
+            "INTERNAL", f"control plane returned a certificate for {got}, asked for {expected}"
+        )
+    return IssuedChain(leaf_pem, tuple(p.encode() for p in cert_chain[1:-1]), cert_chain[-1].encode())
+
+
+@dataclass(frozen=True, slots=True)
+class NodeIdentity:
+    """A node's SVID, its key and the roots it trusts the control plane with."""
+
+    node: str
+    identity: SpiffeId
+    chain_pem: bytes
+    key_pem: bytes
+    roots_pem: bytes
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificates(self.chain_pem)[0]
+
+    @property
+    def not_after(self) -> datetime:
+        return self.leaf.not_valid_after_utc
+
+    def needs_refresh(self, now: datetime) -> bool:
+        leaf = self.leaf
+        return needs_refresh(now, leaf.not_valid_before_utc, leaf.not_valid_after_utc)
+
+    def refresh_at(self) -> datetime:
+        leaf = self.leaf
+        return refresh_at(leaf.not_valid_before_utc, leaf.not_valid_after_utc)
+
+    def __repr__(self) -> str:
+        return f"NodeIdentity({self.identity}, not_after={self.not_after.isoformat()})"
+
+
+def save_node_identity(state_dir: Path, ident: NodeIdentity) -> None:
+    directory = state_dir / NODE_DIR
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    meta = json.dumps({"node": ident.node, "spiffe_id": str(ident.identity)}).encode()
+    write_files({
+        directory / "node-key.pem": (ident.key_pem, 0o600),
+        directory / "node-cert.pem": (ident.chain_pem, 0o644),
+        directory / "root-cert.pem": (ident.roots_pem, 0o644),
+        directory / "node.json": (meta, 0o644),
+    })
+
+
+def load_node_identity(state_dir: Path) -> NodeIdentity | None:
+    """The persisted identity, or None when this node never enrolled."""
+    directory = state_dir / NODE_DIR
+    if not (directory / "node.json").exists():
+        return None
+    try:
+        meta = json.loads((directory / "node.json").read_text())
+        return NodeIdentity(
+            node=str(meta["node"]),
+            identity=SpiffeId.parse(str(meta["spiffe_id"])),
+            chain_pem=(directory / "node-cert.pem").read_bytes(),
+            key_pem=(directory / "node-key.pem").read_bytes(),
+            roots_pem=(directory / "root-cert.pem").read_bytes(),
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{directory}: unreadable node identity ({exc})") from None
+
+
+async def enroll(
+    control: str,
+    token: str,
+    state_dir: Path,
+    ca_root_pem: bytes,
+    *,
+    enrol_address: str | None = None,
+    server_name: str = SERVER_NAME,
+    timeout: float = 10.0,
+) -> NodeIdentity:
+    """Trade `token` for a node SVID at the control plane `control` (CA address; enrolment is port+1
+    unless `enrol_address` says otherwise); persist and return it."""
+    key = generate_key("ec-p256")
+    # No SAN: the node does not name itself; the control plane names it after the token's node.
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(key, signature_hash(key))
+        .public_bytes(serialization.Encoding.PEM)
+        .decode()
+    )
+    creds = grpc.ssl_channel_credentials(root_certificates=ca_root_pem)
+    address = enrol_address or _enrolment_address(control)
+    async with grpc.aio.secure_channel(address, creds, options=_channel_options(server_name)) as channel:
+        stub = enrol_pb2_grpc.NodeEnrolmentStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            resp = await stub.Enrol(enrol_pb2.EnrolRequest(token=token, csr=csr), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _rpc_error(exc) from None
+    identity = SpiffeId.parse(resp.spiffe_id)
+    chain = chain_from_response(list(resp.cert_chain), identity)
+    ident = NodeIdentity(resp.node_name, identity, chain.chain_pem, private_key_pem(key), chain.roots_pem)
+    save_node_identity(state_dir, ident)
+    log.info("enrolled as %s (valid until %s)", identity, ident.not_after.isoformat())
+    return ident
+
+
+async def ensure_node_identity(
+    control: str, state_dir: Path, *, token: str | None, ca_root_pem: bytes | None, clock: Clock = utcnow
+) -> NodeIdentity:
+    """Reuse the persisted identity when it is still valid; otherwise enrol with `token`."""
+    ident = load_node_identity(state_dir)
+    if ident is not None and clock() < ident.not_after:
+        return ident
+    if token is None or ca_root_pem is None:
+        why = "has expired" if ident is not None else "does not exist"
+        raise InputError(
+            f"node identity in {state_dir / NODE_DIR} {why}; enrol with --join-token TOKEN --ca-root FILE"
+        )
+    return await enroll(control, token, state_dir, ca_root_pem)
+
+
+class GrpcCaClient:
+    """`node.certs.CaClient` over the control plane's CA port, authenticated with the node SVID."""
+
+    def __init__(
+        self,
+        control: str,
+        state_dir: Path,
+        *,
+        server_name: str = SERVER_NAME,
+        clock: Clock = utcnow,
+        timeout: float = 10.0,
+    ) -> None:
+        ident = load_node_identity(state_dir)
+        if ident is None:
+            raise InputError(f"no node identity in {state_dir / NODE_DIR}; enrol first")
+        self.identity = ident
+        self._address = control
+        self._state_dir = state_dir
+        self._server_name = server_name
+        self._clock = clock
+        self._timeout = timeout
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: ca_pb2_grpc.IstioCertificateServiceStub | None = None
+        self._refresh_lock: asyncio.Lock | None = None
+
+    def _connect(self) -> ca_pb2_grpc.IstioCertificateServiceStub:
+        if self._stub is None:
+            ident = self.identity
+            creds = grpc.ssl_channel_credentials(ident.roots_pem, ident.key_pem, ident.chain_pem)
+            self._channel = grpc.aio.secure_channel(
+                self._address, creds, options=_channel_options(self._server_name)
+            )
+            self._stub = ca_pb2_grpc.IstioCertificateServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        return self._stub
+
+    async def _create(self, csr_pem: bytes, ttl: timedelta | None, impersonate: SpiffeId | None) -> list[str]:
+        request = ca_pb2.IstioCertificateRequest(
+            csr=csr_pem.decode(), validity_duration=int(ttl.total_seconds()) if ttl else 0
+        )
+        if impersonate is not None:
+            metadata = struct_pb2.Struct()
+            metadata.update({IMPERSONATED_IDENTITY: str(impersonate)})
+            request.metadata.CopyFrom(metadata)
+        try:
+            resp = await self._connect().CreateCertificate(request, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _rpc_error(exc) from None
+        return list(resp.cert_chain)
+
+    async def sign(self, identity: SpiffeId, csr_pem: bytes, ttl: timedelta | None) -> IssuedChain:
+        """CreateCertificate for a pod identity on this node (the control plane checks that it is)."""
+        if self.identity.needs_refresh(self._clock()):
+            await self.refresh_node_identity()
+        return chain_from_response(await self._create(csr_pem, ttl, identity), identity)
+
+    async def refresh_node_identity(self) -> NodeIdentity:
+        """Renew the node SVID over mTLS with the current one (no impersonation: SAN := caller)."""
+        if self._refresh_lock is None:
+            self._refresh_lock = asyncio.Lock()
+        async with self._refresh_lock:
+            current = self.identity
+            key = generate_key("ec-p256")
+            chain = chain_from_response(
+                await self._create(make_csr(current.identity, key), None, None), current.identity
+            )
+            fresh = NodeIdentity(current.node, current.identity, chain.chain_pem, private_key_pem(key),
+                                 chain.roots_pem)
+            save_node_identity(self._state_dir, fresh)
+            self.identity = fresh
+            await self._reset_channel()
+            log.info("node identity %s renewed until %s", fresh.identity, fresh.not_after.isoformat())
+            return fresh
+
+    async def maintain(self, stop: asyncio.Event, recheck: float = 5.0) -> None:
+        """Renew the node SVID at half-life until `stop`; on failure retry every `recheck` seconds while
+        the current SVID lasts (the node keeps working on cached certificates meanwhile)."""
+        while not stop.is_set():
+            wait = (self.identity.refresh_at() - self._clock()).total_seconds()
+            if wait <= 0:
+                try:
+                    await self.refresh_node_identity()
+                    continue
+                except ControlPlaneError as exc:
+                    log.warning("node identity renewal failed: %s", exc.message)
+                wait = recheck
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), min(wait, recheck))
+
+    async def _reset_channel(self) -> None:
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            await channel.close(grace=1.0)
+
+    async def close(self) -> None:
+        await self._reset_channel()

@@ -1,0 +1,438 @@
+"""The control plane's gRPC server: the mesh CA (`CreateCertificate`) and node enrolment (issue 6).
+
+Two ports on one gRPC server, because grpcio cannot ask for a client certificate without requiring it:
+
+- the CA port (default 127.0.0.1:15012, istiod's port, spec/istio-ambient.md §3.2) requires a client
+  certificate: a node SVID. grpc-core checks the chain against our roots during the handshake; we then
+  re-verify the leaf with `identity.verify_peer` (DESIGN.md §6: OpenSSL accepts a CA certificate as a
+  client leaf and knows nothing of SPIFFE) and refuse anything but TLS 1.3 (security.md rule 6);
+- the enrolment port (default: CA port + 1, 15013) authenticates only the server; the join token in the
+  request is the node's credential (`control/tokens.py`).
+
+The server presents `spiffe://<td>/ns/istio-system/sa/istiod` with DNS SANs `istiod.istio-system.svc` and
+`localhost` (what nodes check, as ztunnel checks istiod's), signed by the mesh CA at start. The CA key stays
+in this process: it is loaded from `--ca-dir` (Istio's plug-in `cacerts` layout) or created once, 0600, in
+`<state-dir>/ca` (§3.5). `status.json` in the state directory is what `zerotunnel control status` reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from google.protobuf import json_format  # type: ignore[import-untyped]
+
+from zerotunnel.config import Config, ConfigError
+from zerotunnel.control import castore
+from zerotunnel.control.ca_service import CaDenied, CaService, node_identity
+from zerotunnel.control.tokens import TokenError, TokenStore
+from zerotunnel.control.watch import FileConfigSource
+from zerotunnel.errors import InputError
+from zerotunnel.identity.bundle import TrustBundle
+from zerotunnel.identity.ca import CLOCK_SKEW_GRACE, CaError, CertificateAuthority, IssuedChain
+from zerotunnel.identity.csr import generate_key, private_key_pem, signature_hash
+from zerotunnel.identity.spiffe import SpiffeId
+from zerotunnel.identity.verify import VerificationError, verify_peer
+from zerotunnel.proto import ca_pb2, ca_pb2_grpc, enrol_pb2, enrol_pb2_grpc
+
+log = logging.getLogger("zerotunnel.control")
+
+DEFAULT_LISTEN = "127.0.0.1:15012"
+SERVER_DNS_NAME = "istiod.istio-system.svc"
+SERVER_CERT_TTL = timedelta(days=365)
+NODE_CERT_TTL = timedelta(hours=24)
+MAX_MESSAGE_BYTES = 64 * 1024
+STATUS_FILE = "status.json"
+Clock = Callable[[], datetime]
+
+_CODES = {
+    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "permission-denied": grpc.StatusCode.PERMISSION_DENIED,
+    "invalid-argument": grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` → (host, port); InputError otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise InputError(f"address {address!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def enrolment_address(ca_address: str) -> str:
+    """The default enrolment address for a CA address: same host, next port."""
+    host, port = split_address(ca_address)
+    shown = f"[{host}]" if ":" in host else host
+    return f"{shown}:{port + 1}"
+
+
+def load_or_create_ca(
+    state_dir: Path, ca_dir: Path | None, trust_domain: str, now: datetime
+) -> tuple[CertificateAuthority, Path]:
+    """The plug-in CA in `ca_dir`, else the self-signed one in `<state_dir>/ca`, created on first start."""
+    if ca_dir is not None:
+        return castore.load_ca(ca_dir, now), ca_dir
+    own = state_dir / "ca"
+    if (own / "ca-cert.pem").exists():
+        return castore.load_ca(own, now), own
+    log.info("creating a self-signed root CA for %s in %s", trust_domain, own)
+    return castore.init_root(own, trust_domain, now), own
+
+
+def server_certificate(
+    ca: CertificateAuthority, trust_domain: str, hosts: Sequence[str], now: datetime
+) -> tuple[bytes, bytes]:
+    """(chain PEM, key PEM) for the CA port: an SVID with the DNS/IP names nodes dial us by."""
+    key = generate_key("ec-p256")
+    names: list[x509.GeneralName] = [
+        x509.UniformResourceIdentifier(str(SpiffeId.istio(trust_domain, "istio-system", "istiod"))),
+        x509.DNSName(SERVER_DNS_NAME),
+        x509.DNSName("localhost"),
+    ]
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            if host and host not in ("localhost", SERVER_DNS_NAME):
+                names.append(x509.DNSName(host))
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ca.signing_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW_GRACE)
+        .not_valid_after(min(now + SERVER_CERT_TTL, ca.not_after))
+        .add_extension(x509.SubjectAlternativeName(names), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, True, False, False, False, False, False, False), critical=True
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca.signing_key, signature_hash(ca.signing_key))
+    )
+    chain = leaf.public_bytes(serialization.Encoding.PEM) + b"".join(ca.intermediates_pem)
+    return chain, private_key_pem(key)
+
+
+def fingerprint(pem: bytes) -> str:
+    """SHA-256 of the first certificate's DER, as `openssl x509 -fingerprint -sha256` prints it."""
+    cert = x509.load_pem_x509_certificate(pem)
+    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
+def _csr_names(csr: x509.CertificateSigningRequest) -> list[x509.GeneralName]:
+    try:
+        return list(csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        return []
+
+
+def _metadata_struct(request: ca_pb2.IstioCertificateRequest) -> dict[str, object]:
+    if not request.HasField("metadata"):
+        return {}
+    out = json_format.MessageToDict(request.metadata)
+    return out if isinstance(out, dict) else {}
+
+
+@dataclass(slots=True)
+class _Counters:
+    enrolled: Counter[str]
+    enrol_refused: Counter[str]
+    last_seen: dict[str, str]
+
+
+class ControlPlane:
+    """Loads config and CA, serves the CA and enrolment ports, keeps `status.json` current."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        config_paths: Sequence[Path],
+        *,
+        ca_dir: Path | None = None,
+        listen: str = DEFAULT_LISTEN,
+        enrol_listen: str | None = None,
+        clock: Clock = utcnow,
+        status_interval: float = 1.0,
+    ) -> None:
+        self.state_dir = state_dir
+        self._source = FileConfigSource(config_paths)
+        self._ca_dir = ca_dir
+        self._listen = listen
+        self._enrol_listen = enrol_listen or enrolment_address(listen)
+        self._clock = clock
+        self._status_interval = status_interval
+        self._server: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop = asyncio.Event()
+        self._counters = _Counters(Counter(), Counter(), {})
+        self._config_error: str | None = None
+        self._started = clock()
+        self.ca_port = 0
+        self.enrol_port = 0
+        self.tokens = TokenStore(state_dir)
+        self.ca: CertificateAuthority
+        self.ca_source: Path
+        self.config: Config
+        self.service: CaService
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create state directory {self.state_dir}: {exc.strerror}") from None
+        try:
+            self.config = self._source.load().config
+        except ConfigError as exc:
+            raise InputError(f"configuration: {exc}") from None
+        now = self._clock()
+        td = self.config.mesh.trust_domain
+        ca_dir = self._ca_dir or (Path(self.config.mesh.ca_dir) if self.config.mesh.ca_dir else None)
+        self.ca, self.ca_source = load_or_create_ca(self.state_dir, ca_dir, td, now)
+        self.service = CaService(lambda: self.ca, lambda: self.config)
+        ca_host, _ = split_address(self._listen)
+        enrol_host, _ = split_address(self._enrol_listen)
+        chain, key = server_certificate(self.ca, td, sorted({ca_host, enrol_host}), now)
+        roots = self.ca.root_bundle_pem
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            _CaServicer(self), server
+        )
+        enrol_pb2_grpc.add_NodeEnrolmentServicer_to_server(  # type: ignore[no-untyped-call]
+            _EnrolServicer(self), server
+        )
+        try:
+            self.ca_port = server.add_secure_port(
+                self._listen,
+                grpc.ssl_server_credentials(
+                    [(key, chain)], root_certificates=roots, require_client_auth=True
+                ),
+            )
+            self.enrol_port = server.add_secure_port(
+                self._enrol_listen, grpc.ssl_server_credentials([(key, chain)])
+            )
+        except RuntimeError as exc:
+            raise InputError(f"cannot listen on {self._listen} / {self._enrol_listen}: {exc}") from None
+        await server.start()
+        self._server = server
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._source.watch(self._on_config, self._on_config_error, self._stop)),
+            loop.create_task(self._status_loop()),
+        ]
+        log.info("control plane serving CA on %s (port %d), enrolment on %s (port %d); root %s",
+                 self._listen, self.ca_port, self._enrol_listen, self.enrol_port,
+                 fingerprint(self.ca.root_bundle_pem))
+        self.write_status()
+
+    async def stop(self, grace: float = 1.0) -> None:
+        self._stop.set()
+        if self._server is not None:
+            await self._server.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._server is not None:
+            self.write_status()
+            self._server = None
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    # -- config -----------------------------------------------------------------------------------
+
+    def _on_config(self, config: Config, version: int) -> None:
+        if config.mesh.trust_domain != self.config.mesh.trust_domain:
+            msg = (f"trust domain change {self.config.mesh.trust_domain} → {config.mesh.trust_domain} "
+                   "needs a restart; keeping the old config")
+            log.error("%s", msg)
+            self._config_error = msg
+            return
+        self.config = config
+        self._config_error = None
+        self.write_status()
+
+    def _on_config_error(self, exc: InputError) -> None:
+        self._config_error = str(exc)
+        self.write_status()
+
+    # -- authentication ---------------------------------------------------------------------------
+
+    def caller_identity(self, context: grpc.aio.ServicerContext[Any, Any]) -> SpiffeId:
+        """The verified node identity of a CA-port caller; CaDenied("unauthenticated") otherwise."""
+        auth = context.auth_context()
+        version = b"".join(auth.get("ssl_tls_version", []))
+        if version and version != b"TLSv1.3":
+            raise CaDenied("unauthenticated", f"TLS 1.3 is required, peer negotiated {version.decode()}")
+        pems = auth.get("x509_pem_cert")
+        if not pems:
+            raise CaDenied("unauthenticated", "no client certificate (use the node SVID from enrolment)")
+        chain = auth.get("x509_pem_cert_chain") or []
+        extra = [c for blob in chain for c in x509.load_pem_x509_certificates(blob)][1:]
+        bundle = TrustBundle.from_certs(self.config.mesh.trust_domain, self.ca.roots)
+        try:
+            peer = verify_peer(
+                pems[0], [*extra, *(x509.load_pem_x509_certificate(p) for p in self.ca.intermediates_pem)],
+                bundle, self._clock(), peer_role="client",
+            )
+        except VerificationError as exc:
+            raise CaDenied("unauthenticated", f"client certificate rejected: {exc.message}") from None
+        return peer.spiffe_id
+
+    # -- status -----------------------------------------------------------------------------------
+
+    def note_seen(self, node: str) -> None:
+        self._counters.last_seen[node] = self._clock().isoformat()
+
+    def status(self) -> dict[str, Any]:
+        stats = self.service.stats()
+        records = self.tokens.records()
+        enrolled = sorted({r.node for r in records if r.used_at is not None} | set(self._counters.enrolled))
+        loaded = self._source.current
+        return {
+            "updated": self._clock().isoformat(),
+            "started": self._started.isoformat(),
+            "listen": {"ca": f"{self._listen}", "ca_port": self.ca_port,
+                       "enrolment": self._enrol_listen, "enrolment_port": self.enrol_port},
+            "trust_domain": self.config.mesh.trust_domain,
+            "ca": {"source": str(self.ca_source), "root_sha256": fingerprint(self.ca.root_bundle_pem),
+                   "not_after": self.ca.not_after.isoformat()},
+            "config": {"version": loaded.version if loaded else None, "error": self._config_error},
+            "certificates": {"issued": stats.issued, "refused": dict(stats.refused),
+                             "issued_per_node": dict(stats.per_node)},
+            "enrolment": {"accepted": sum(self._counters.enrolled.values()),
+                          "refused": dict(self._counters.enrol_refused),
+                          "tokens_pending": sum(1 for r in records
+                                                if r.used_at is None and r.expires > self._clock())},
+            "nodes": [{"name": n, "last_seen": self._counters.last_seen.get(n)} for n in enrolled],
+        }
+
+    def write_status(self) -> None:
+        body = json.dumps(self.status(), indent=1).encode()
+        castore.write_files({self.state_dir / STATUS_FILE: (body, 0o600)})
+
+    async def _status_loop(self) -> None:
+        last = ""
+        while True:
+            await asyncio.sleep(self._status_interval)
+            snapshot = json.dumps({k: v for k, v in self.status().items() if k != "updated"})
+            if snapshot != last:
+                last = snapshot
+                with contextlib.suppress(InputError, OSError):
+                    self.write_status()
+
+    # -- enrolment --------------------------------------------------------------------------------
+
+    def enrol(self, token: str, csr_pem: bytes, validity_seconds: int, peer: str) -> tuple[str, IssuedChain]:
+        """Check the CSR, spend the token, sign the node SVID. The CSR is checked first so a typo in
+        it does not burn the token; the token is spent before signing so it cannot be replayed."""
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError:
+            self._counters.enrol_refused["bad-csr"] += 1
+            raise CaDenied("invalid-argument", "CSR is not a PEM certificate request") from None
+        if not csr.is_signature_valid:
+            self._counters.enrol_refused["bad-csr"] += 1
+            raise CaDenied("invalid-argument", "CSR signature does not verify")
+        if _csr_names(csr):
+            self._counters.enrol_refused["bad-csr"] += 1
+            raise CaDenied("invalid-argument", "an enrolment CSR must name nothing: the token names the node")
+        now = self._clock()
+        try:
+            node = self.tokens.consume(token, now)
+        except TokenError as exc:
+            self._counters.enrol_refused[exc.reason] += 1
+            log.warning("enrolment refused from %s: %s", peer, exc.message)
+            raise CaDenied("unauthenticated", exc.message) from None
+        identity = node_identity(self.config.mesh.trust_domain, node)
+        ttl = NODE_CERT_TTL if validity_seconds <= 0 else min(timedelta(seconds=validity_seconds),
+                                                              NODE_CERT_TTL)
+        try:
+            chain = self.ca.issue(csr_pem, identity, now, ttl)
+        except CaError as exc:
+            self._counters.enrol_refused["bad-csr"] += 1
+            raise CaDenied("invalid-argument", exc.message) from None
+        self._counters.enrolled[node] += 1
+        self.note_seen(node)
+        log.info("node %s enrolled from %s as %s", node, peer, identity)
+        self.write_status()
+        return node, chain
+
+
+class _CaServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
+    def __init__(self, plane: ControlPlane) -> None:
+        self._plane = plane
+
+    async def CreateCertificate(
+        self, request: ca_pb2.IstioCertificateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ca_pb2.IstioCertificateResponse:
+        plane = self._plane
+        caller: SpiffeId | None = None
+        try:
+            caller = plane.caller_identity(context)
+            chain = plane.service.create_certificate(
+                caller, request.csr.encode(), int(request.validity_duration), _metadata_struct(request),
+                now=plane._clock(), peer=context.peer(),
+            )
+        except CaDenied as exc:
+            if caller is None:
+                plane.service.record_refusal(exc.code)
+                log.warning("CSR refused (%s) peer=%s: %s", exc.code, context.peer(), exc.message)
+            await context.abort(_CODES[exc.code], exc.message)
+            raise  # unreachable: abort raises
+        node = caller.path.rsplit("/", 1)[-1]
+        plane.note_seen(node)
+        return ca_pb2.IstioCertificateResponse(cert_chain=chain.as_cert_chain_response())
+
+
+class _EnrolServicer(enrol_pb2_grpc.NodeEnrolmentServicer):
+    def __init__(self, plane: ControlPlane) -> None:
+        self._plane = plane
+
+    async def Enrol(
+        self, request: enrol_pb2.EnrolRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> enrol_pb2.EnrolResponse:
+        plane = self._plane
+        try:
+            node, chain = plane.enrol(
+                request.token, request.csr.encode(), int(request.validity_duration), context.peer()
+            )
+        except CaDenied as exc:
+            await context.abort(_CODES[exc.code], exc.message)
+            raise
+        return enrol_pb2.EnrolResponse(
+            cert_chain=chain.as_cert_chain_response(),
+            node_name=node,
+            spiffe_id=str(node_identity(plane.config.mesh.trust_domain, node)),
+        )
