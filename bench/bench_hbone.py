@@ -7,7 +7,8 @@ kept-alive connection, plus new tunnels per second (a fresh app connection per r
 costs one CONNECT stream on the pooled mTLS connection). Prints ratios and, with --record,
 appends a section to bench/RESULTS.md.
 
-    .venv/bin/python bench/bench_hbone.py [--mb 200] [--rr 5000] [--uvloop] [--record] [--profile client|server]
+    .venv/bin/python bench/bench_hbone.py [--mb 200] [--rr 5000] [--uvloop] [--record]
+                                          [--profile client|server]
 """
 
 from __future__ import annotations
@@ -117,7 +118,9 @@ def server_side(creds: dict[str, Any], ports: Any, stop: Any, use_uvloop: bool, 
             access_log=AccessLog(lambda line: None),
         )
         await hbone.start("127.0.0.1", 0)
-        ports.put((count_srv.sockets[0].getsockname()[1], echo_srv.sockets[0].getsockname()[1], hbone.address[1]))
+        ports.put(
+            (count_srv.sockets[0].getsockname()[1], echo_srv.sockets[0].getsockname()[1], hbone.address[1])
+        )
         while not stop.is_set():
             await asyncio.sleep(0.1)
 
@@ -126,15 +129,25 @@ def server_side(creds: dict[str, Any], ports: Any, stop: Any, use_uvloop: bool, 
     _dump_profile(prof, "server")
 
 
-def client_side(creds: dict[str, Any], server_creds: dict[str, Any], hbone_port: int, targets: tuple[int, int],
-                ports: Any, stop: Any, use_uvloop: bool, profile: str | None) -> None:
+def client_side(
+    creds: dict[str, Any],
+    server_creds: dict[str, Any],
+    hbone_port: int,
+    targets: tuple[int, int],
+    ports: Any,
+    stop: Any,
+    use_uvloop: bool,
+    profile: str | None,
+) -> None:
     loop = _loop(use_uvloop)
     asyncio.set_event_loop(loop)
 
     async def main() -> None:
         cc = load_creds(creds)
         pool = HbonePool(lambda _ident: cc, mark=False)
-        key = PoolKey(cc.identity, frozenset({SpiffeId.parse(server_creds["identity"])}), ("127.0.0.1", hbone_port))
+        key = PoolKey(
+            cc.identity, frozenset({SpiffeId.parse(server_creds["identity"])}), ("127.0.0.1", hbone_port)
+        )
         listen_ports = []
         for target in targets:
 
@@ -144,7 +157,7 @@ def client_side(creds: dict[str, Any], server_creds: dict[str, Any], hbone_port:
                 async def join() -> None:
                     try:
                         stream = await pool.connect(key, f"127.0.0.1:{target}")
-                    except Exception as exc:  # noqa: BLE001
+                    except Exception as exc:
                         relay.fail(str(exc))
                         return
                     relay.attach(stream)
@@ -230,8 +243,19 @@ def main() -> None:
     sp = ctx.Process(target=server_side, args=(server_creds, q, stop, args.uvloop, args.profile))
     sp.start()
     count_port, echo_port, hbone_port = q.get(timeout=30)
-    cp = ctx.Process(target=client_side, args=(client_creds, server_creds, hbone_port, (count_port, echo_port), q,
-                                               stop, args.uvloop, args.profile))
+    cp = ctx.Process(
+        target=client_side,
+        args=(
+            client_creds,
+            server_creds,
+            hbone_port,
+            (count_port, echo_port),
+            q,
+            stop,
+            args.uvloop,
+            args.profile,
+        ),
+    )
     cp.start()
     tun_count, tun_echo = q.get(timeout=30)
     try:
@@ -266,12 +290,14 @@ def main() -> None:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
         section = [
             "",
-            f"## HBONE loopback micro-benchmark ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC, bench/bench_hbone.py)",
+            f"## HBONE loopback micro-benchmark ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
+            "bench/bench_hbone.py)",
             "",
             f"Machine: {model}, {os.cpu_count()} vCPU, Python {platform.python_version()}, {loop_name}. "
-            "Three processes on loopback: load generator (blocking sockets), client proxy (outbound listener + "
-            "HbonePool), server proxy (HboneServer on 15008-style listener + app). mTLS TLS 1.3 AES-GCM, h2 "
-            f"windows 4/16 MiB, 1 MiB frames. Bulk {args.mb} MB, {args.rr} round trips, {args.conns} connections.",
+            "Three processes on loopback: load generator (blocking sockets), client proxy "
+            "(outbound listener + HbonePool), server proxy (HboneServer + app). mTLS TLS 1.3 "
+            "AES-GCM, h2 windows 4/16 MiB, 1 MiB max frame (256 KiB sent). "
+            f"Bulk {args.mb} MB, {args.rr} round trips, {args.conns} connections.",
             "",
             *header,
             *lines,

@@ -22,7 +22,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 from h2.errors import ErrorCodes
 
@@ -243,12 +243,13 @@ class HboneConnectionProtocol(asyncio.Protocol):
     # -- asyncio.Protocol -----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        tune_socket(transport.get_extra_info("socket"))
-        self.local_addr = sock_addr(transport.get_extra_info("sockname"))
-        self.peer_addr = sock_addr(transport.get_extra_info("peername"))
-        transport.set_write_buffer_limits(high=1024 * 1024)
+        # uvloop's transports are not asyncio.Transport subclasses, only duck-typed alike
+        tr = cast(asyncio.Transport, transport)
+        self.transport = tr
+        tune_socket(tr.get_extra_info("socket"))
+        self.local_addr = sock_addr(tr.get_extra_info("sockname"))
+        self.peer_addr = sock_addr(tr.get_extra_info("peername"))
+        tr.set_write_buffer_limits(high=1024 * 1024)
         self._timer = self._loop.call_later(self._handshake_timeout, self._handshake_timed_out)
         self._handshake()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import cast
 
 from zerotunnel.node.hbone_conn import HboneStream, sock_addr, tune_socket
 
@@ -48,12 +49,13 @@ class TcpRelay(asyncio.Protocol):
     # -- TCP side -------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        tune_socket(transport.get_extra_info("socket"), mark=self._mark)
-        self.local_addr = sock_addr(transport.get_extra_info("sockname"))
-        self.peer_addr = sock_addr(transport.get_extra_info("peername"))
-        transport.set_write_buffer_limits(high=HIGH_WATER)
+        # uvloop's transports are not asyncio.Transport subclasses, only duck-typed alike
+        tr = cast(asyncio.Transport, transport)
+        self.transport = tr
+        tune_socket(tr.get_extra_info("socket"), mark=self._mark)
+        self.local_addr = sock_addr(tr.get_extra_info("sockname"))
+        self.peer_addr = sock_addr(tr.get_extra_info("peername"))
+        tr.set_write_buffer_limits(high=HIGH_WATER)
         if self.stream is None:
             self._pause_reading()
         if not self.connected.done():
