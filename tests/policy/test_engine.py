@@ -148,3 +148,13 @@ def test_jwt_through_request_authentication_on_the_waypoint() -> None:
     assert l7(e, headers=(("authorization", f"Bearer {expired}"),)) == 401
     assert l7(e) == 403  # no token: no request principal
     assert l7(e, path=f"/?access_token={good}") == 200
+
+
+def test_tcp_stream_at_the_waypoint() -> None:
+    """§4.6: the waypoint's TCP chain turns `DENY methods: [POST]` into deny-all for non-HTTP streams."""
+    from zerotunnel.config.model import Operation
+
+    e = Engine.build([ap("no-post", Rule(to=(Operation(methods=("POST",)),)), action="DENY", refs=(GW,))])
+    d = e.check_l7_tcp("demo", "waypoint", L7Request("", "", "", 5432, (), SLEEP, "10.0.0.1"))
+    assert (d.allowed, d.status, d.reason) == (False, 0, "explicitly denied by: demo/no-post")
+    assert l7(e) == 200  # an HTTP GET is not denied

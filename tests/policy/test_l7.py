@@ -19,7 +19,7 @@ from zerotunnel.config.model import (
     Source,
 )
 from zerotunnel.policy.authn import AuthnResult
-from zerotunnel.policy.l7 import L7Index, L7Policy, L7Request, canonical_host, evaluate
+from zerotunnel.policy.l7 import L7Index, L7Policy, L7Request, canonical_host, evaluate, evaluate_tcp
 
 GW = PolicyTargetReference("gateway.networking.k8s.io", "Gateway", "waypoint")
 SLEEP = "spiffe://cluster.local/ns/demo/sa/sleep"
@@ -555,3 +555,79 @@ def test_l7_invariants(pols: list[AuthorizationPolicy], request_: L7Request, rnd
     ]
     a, b = evaluate(enforced, request_), evaluate([*enforced, *dry], request_)
     assert (a.allowed, a.policy, a.status) == (b.allowed, b.policy, b.status)  # dry-run never changes it
+
+
+# ------------------------------------------------------------- non-HTTP traffic at the waypoint (§4.6)
+
+TCP_CASES = [
+    # case, policy, identity, port, (allowed, status)
+    (
+        "DENY methods: POST denies every TCP stream (unlike ztunnel's no-op, §10.2)",
+        ap(Rule(to=op(methods=("POST",))), action="DENY"),
+        SLEEP,
+        8000,
+        (False, 0),
+    ),
+    (
+        "DENY ports + methods: denies all TCP on that port",
+        ap(Rule(to=op(ports=("8000",), methods=("POST",))), action="DENY"),
+        SLEEP,
+        8000,
+        (False, 0),
+    ),
+    (
+        "DENY ports + methods: other port passes",
+        ap(Rule(to=op(ports=("9000",), methods=("POST",))), action="DENY"),
+        SLEEP,
+        8000,
+        (True, 200),
+    ),
+    (
+        "ALLOW methods: rule skipped → nothing allowed",
+        ap(Rule(to=op(methods=("GET",)))),
+        SLEEP,
+        8000,
+        (False, 0),
+    ),
+    (
+        "ALLOW principals: TCP-capable, allowed",
+        ap(Rule(from_=src(principals=("cluster.local/ns/demo/sa/sleep",)))),
+        SLEEP,
+        8000,
+        (True, 200),
+    ),
+    (
+        "ALLOW when header: rule skipped",
+        ap(Rule(when=(Condition("request.headers[x]", ("1",)),))),
+        SLEEP,
+        8000,
+        (False, 0),
+    ),
+    (
+        "DENY namespaces + header: header ignored → denies the namespace",
+        ap(
+            Rule(from_=src(namespaces=("demo",)), when=(Condition("request.headers[x]", ("1",)),)),
+            action="DENY",
+        ),
+        SLEEP,
+        8000,
+        (False, 0),
+    ),
+    (
+        "DENY requestPrincipals only: match-any → denies",
+        ap(Rule(from_=src(request_principals=("*",))), action="DENY"),
+        None,
+        8000,
+        (False, 0),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "policy", "identity", "port", "expected"), TCP_CASES, ids=[c[0] for c in TCP_CASES]
+)
+def test_tcp_at_waypoint(
+    case: str, policy: AuthorizationPolicy, identity: str | None, port: int, expected: tuple[bool, int]
+) -> None:
+    d = evaluate_tcp([L7Policy.compile(policy)], L7Request("", "", "", port, (), identity, "10.0.0.5"))
+    assert (d.allowed, d.status) == expected

@@ -153,6 +153,18 @@ class Engine:
         policies = self.waypoint_policies(waypoint_namespace, waypoint_name, service)
         return l7.evaluate(policies, request, path_normalization=self.path_normalization, authn=authn)
 
+    def check_l7_tcp(
+        self,
+        waypoint_namespace: str,
+        waypoint_name: str,
+        request: L7Request,
+        *,
+        service: tuple[str, str] | None = None,
+    ) -> Decision:
+        """What the waypoint decides for a non-HTTP stream (§4.6): Envoy's TCP-chain semantics."""
+        policies = self.waypoint_policies(waypoint_namespace, waypoint_name, service)
+        return l7.evaluate_tcp(policies, request)
+
 
 def _query_params(target: str) -> dict[str, str]:
     query = target.split("#", 1)[0].partition("?")[2]

@@ -14,7 +14,7 @@ import ipaddress
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from zerotunnel.config.model import AuthorizationPolicy, Condition, Operation, Source
@@ -281,6 +281,7 @@ class L7Policy:
     source: AuthorizationPolicy
     rules: tuple[L7Rule, ...]
     warnings: tuple[str, ...]
+    tcp_rules: tuple[L7Rule, ...] = ()
 
     @property
     def key(self) -> str:
@@ -290,8 +291,8 @@ class L7Policy:
     def action(self) -> str:
         return self.source.action
 
-    def matching_rule(self, ctx: _Ctx) -> int | None:
-        for i, rule in enumerate(self.rules):
+    def matching_rule(self, ctx: _Ctx, *, tcp: bool = False) -> int | None:
+        for i, rule in enumerate(self.tcp_rules if tcp else self.rules):
             if rule.predicate(ctx):
                 return i
         return None
@@ -299,15 +300,63 @@ class L7Policy:
     @classmethod
     def compile(cls, policy: AuthorizationPolicy) -> L7Policy:
         rules: list[L7Rule] = []
+        tcp_rules: list[L7Rule] = []
         warnings: list[str] = []
         for rule in policy.rules:
             rules.append(L7Rule(_compile_rule(rule, policy.meta.namespace, warnings)))
+            tcp_rule = tcp_view(rule, policy.action)
+            tcp_rules.append(
+                L7Rule(_never if tcp_rule is None else _compile_rule(tcp_rule, policy.meta.namespace, []))
+            )
         if policy.action == "CUSTOM":
             warnings.append(
                 f"{policy.meta.namespace}/{policy.meta.name}: CUSTOM action (external authorizer "
                 f"{policy.provider!r}) is not supported by zerotunnel's waypoint; the policy is ignored"
             )
-        return cls(policy, tuple(rules), tuple(warnings))
+        return cls(policy, tuple(rules), tuple(warnings), tuple(tcp_rules))
+
+
+def _never(ctx: _Ctx) -> bool:
+    return False
+
+
+TCP_WHEN_KEYS = frozenset(
+    {
+        "source.ip",
+        "source.namespace",
+        "source.principal",
+        "source.serviceAccount",
+        "remote.ip",
+        "destination.ip",
+        "destination.port",
+        "connection.sni",
+    }
+)
+
+
+def tcp_view(rule: IstioRule, action: str) -> IstioRule | None:
+    """The rule as Envoy enforces it on a TCP (non-HTTP) filter chain (istio-ambient.md §4.6): an ALLOW
+    rule with any HTTP-only field is dropped (None); a DENY rule loses its HTTP-only fields, each
+    treated as "match any", so `DENY methods: [POST]` denies every TCP connection. This is the
+    opposite of ztunnel's DENY conversion (§10.2), which is why both exist."""
+    http = (
+        any(o.hosts or o.not_hosts or o.methods or o.not_methods or o.paths or o.not_paths for o in rule.to)
+        or any(s.request_principals or s.not_request_principals for s in rule.from_)
+        or any(c.key not in TCP_WHEN_KEYS for c in rule.when)
+    )
+    if not http:
+        return rule
+    if action != "DENY":
+        return None
+    return replace(
+        rule,
+        to=tuple(
+            replace(o, hosts=(), not_hosts=(), methods=(), not_methods=(), paths=(), not_paths=())
+            for o in rule.to
+        ),
+        from_=tuple(replace(s, request_principals=(), not_request_principals=()) for s in rule.from_),
+        when=tuple(c for c in rule.when if c.key in TCP_WHEN_KEYS),
+    )
 
 
 def _compile_rule(rule: IstioRule, namespace: str, warnings: list[str]) -> _Pred:
@@ -395,17 +444,31 @@ def evaluate(
     if authn.error is not None:
         return Decision(False, None, None, f"jwt authentication failed: {authn.error}", 401, (), warnings)
     ctx = make_context(request, path, authn)
+    return _decide(pols, ctx, warnings, tcp=False)
+
+
+def evaluate_tcp(policies: Iterable[L7Policy], request: L7Request) -> Decision:
+    """A waypoint's decision for a non-HTTP (TCP) stream (§4.6): HTTP-only fields follow `tcp_view`;
+    a denial closes the connection, so `status` is 0 (no HTTP response reaches the client)."""
+    pols = sorted(policies, key=lambda p: p.key)
+    warnings = tuple(w for p in pols for w in p.warnings)
+    ctx = make_context(replace(request, method="", path="", host="", headers=()), "", AuthnResult())
+    return _decide(pols, ctx, warnings, tcp=True)
+
+
+def _decide(pols: list[L7Policy], ctx: _Ctx, warnings: tuple[str, ...], *, tcp: bool) -> Decision:
+    denied_status = 0 if tcp else 403
     hits: list[str] = []
     for pol in pols:
         if pol.action == "AUDIT":
-            rule = pol.matching_rule(ctx)
+            rule = pol.matching_rule(ctx, tcp=tcp)
             if rule is not None:
                 hits.append(f"audit: policy match {pol.key} (rule {rule})")
     deny: tuple[L7Policy, int] | None = None
     for pol in pols:
         if pol.action != "DENY":
             continue
-        rule = pol.matching_rule(ctx)
+        rule = pol.matching_rule(ctx, tcp=tcp)
         if rule is None:
             continue
         if pol.source.dry_run:
@@ -415,19 +478,21 @@ def evaluate(
     allows = [p for p in pols if p.action == "ALLOW" and not p.source.dry_run]
     for pol in pols:
         if pol.action == "ALLOW" and pol.source.dry_run:
-            rule = pol.matching_rule(ctx)
+            rule = pol.matching_rule(ctx, tcp=tcp)
             if rule is not None:
                 hits.append(f"dry-run: allow policy match {pol.key} (rule {rule})")
     if deny is not None:
         pol, rule = deny
-        return Decision(False, pol.key, rule, explicitly_denied(pol.key), 403, tuple(hits), warnings)
+        return Decision(
+            False, pol.key, rule, explicitly_denied(pol.key), denied_status, tuple(hits), warnings
+        )
     if not allows:
         return Decision(True, None, None, "no allow policies exist", 200, tuple(hits), warnings)
     for pol in allows:
-        rule = pol.matching_rule(ctx)
+        rule = pol.matching_rule(ctx, tcp=tcp)
         if rule is not None:
             return Decision(True, pol.key, rule, f"allowed by: {pol.key}", 200, tuple(hits), warnings)
-    return Decision(False, None, None, NOT_ALLOWED, 403, tuple(hits), warnings)
+    return Decision(False, None, None, NOT_ALLOWED, denied_status, tuple(hits), warnings)
 
 
 @dataclass(frozen=True, slots=True)
