@@ -631,3 +631,10 @@ def test_tcp_at_waypoint(
 ) -> None:
     d = evaluate_tcp([L7Policy.compile(policy)], L7Request("", "", "", port, (), identity, "10.0.0.5"))
     assert (d.allowed, d.status) == expected
+
+
+def test_claims_carried_on_the_request() -> None:
+    policy = L7Policy.compile(ap(Rule(from_=src(request_principals=("https://issuer/alice",)))))
+    with_claims = L7Request("GET", "/", "h", 80, (), SLEEP, "10.0.0.5", jwt_claims=JWT_CLAIMS)
+    assert evaluate([policy], with_claims).status == 200
+    assert evaluate([policy], get()).status == 403

@@ -53,7 +53,8 @@ class L7Request:
     """An HTTP request as the waypoint sees it. `path` is the raw request target (query and fragment
     included); `headers` keep duplicates, in order; `source_identity` is the client's SPIFFE ID from
     the HBONE mTLS handshake (None if none); `remote_ip` is the XFF-derived client (defaults to
-    `source_ip`); `port` is the destination port the client addressed."""
+    `source_ip`); `port` is the destination port the client addressed; `jwt_claims` are the claims of
+    an already validated JWT (used when `evaluate` is not given an `AuthnResult`)."""
 
     method: str
     path: str
@@ -65,6 +66,7 @@ class L7Request:
     remote_ip: str | None = None
     destination_ip: str = "0.0.0.0"  # noqa: S104 - an address value, not a bind
     sni: str = ""
+    jwt_claims: Mapping[str, Any] | None = None
 
 
 def canonical_host(host: str) -> str:
@@ -434,7 +436,8 @@ def evaluate(
 ) -> Decision:
     """Envoy RBAC as a waypoint runs it: 400 for a malformed request, 401 for an invalid JWT, then
     DENY (403 `explicitly denied by`), then ALLOW (403 `allow policies exist, but none allowed`)."""
-    authn = authn or AuthnResult()
+    if authn is None:
+        authn = AuthnResult(claims=request.jwt_claims)
     pols = sorted(policies, key=lambda p: p.key)
     warnings = tuple(w for p in pols for w in p.warnings)
     try:
