@@ -6,6 +6,13 @@ users hit in practice (users-spiffe-conventions.md §1.2): `spiffe://` in princi
 policy a node proxy enforces, named ports, selectors that select nothing, namespaces outside the
 mesh, AUDIT/CUSTOM, targetRefs to nothing, JWT issuers nobody validates, STRICT mTLS with plaintext
 clients, and L4 policies that forget the waypoint's identity.
+
+Codes (stable, for scripts): ZT001 `spiffe://` in principals · ZT002 HTTP attributes at a node proxy ·
+ZT003 named/invalid ports · ZT004 selector matches no pod · ZT005 namespace outside the mesh ·
+ZT006 AUDIT/CUSTOM · ZT007 targetRefs to nothing / unserved Service / GatewayClass outside the root
+namespace · ZT008 requestPrincipals no RequestAuthentication validates · ZT009 STRICT with plaintext
+clients · ZT010 waypoint identity not allowed at the workload (§10.8) · ZT011 invalid dry-run
+annotation · ZT012 selector RequestAuthentication in an ambient namespace.
 """
 
 from __future__ import annotations
