@@ -188,6 +188,12 @@ CASES = [
         "no JWT is validated",
     ),
     (
+        "trustDomains at the node proxy are ignored",
+        ap("td", "{rules: [{from: [{source: {trustDomains: [cluster.local]}}]}]}"),
+        ("ZT013", "warning", "AuthorizationPolicy demo/td"),
+        "ignored by the node proxy",
+    ),
+    (
         "invalid dry-run annotation",
         ap("dry", "{rules: [{}]}", annotations=", annotations: {istio.io/dry-run: maybe}"),
         ("ZT011", "warning", "AuthorizationPolicy demo/dry"),

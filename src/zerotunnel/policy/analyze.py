@@ -12,7 +12,8 @@ ZT003 named/invalid ports · ZT004 selector matches no pod · ZT005 namespace ou
 ZT006 AUDIT/CUSTOM · ZT007 targetRefs to nothing / unserved Service / GatewayClass outside the root
 namespace · ZT008 requestPrincipals no RequestAuthentication validates · ZT009 STRICT with plaintext
 clients · ZT010 waypoint identity not allowed at the workload (§10.8) · ZT011 invalid dry-run
-annotation · ZT012 selector RequestAuthentication in an ambient namespace.
+annotation · ZT012 selector RequestAuthentication in an ambient namespace · ZT013 trustDomains at a
+node proxy.
 """
 
 from __future__ import annotations
@@ -137,6 +138,23 @@ def _check_authorization(config: Config, ap: AuthorizationPolicy, out: list[Find
                 "CUSTOM (external authorization) is not supported by zerotunnel's waypoint; the "
                 "policy is ignored",
                 "express the rule as ALLOW/DENY",
+            )
+        )
+    if not ap.target_refs and any(
+        src.trust_domains or src.not_trust_domains for rule in ap.rules for src in rule.from_
+    ):
+        out.append(
+            Finding(
+                "ZT013",
+                "warning",
+                res,
+                "trustDomains/notTrustDomains are ignored by the node proxy (istiod does not convert "
+                "them for "
+                "ztunnel, and says nothing): a source entry with only trust domains never matches, others "
+                "match regardless of trust domain",
+                "match the trust domain through principals (e.g. 'cluster.local/*') or enforce the "
+                "policy at a "
+                "waypoint with targetRefs",
             )
         )
     named = sorted({p for p in _ports(ap) if not (p.isascii() and p.isdigit() and int(p) <= 65535)})
