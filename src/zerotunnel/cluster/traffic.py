@@ -184,8 +184,12 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Send requests between pods and explain each decision.")
     parser.add_argument("--name", default=DEFAULT_CLUSTER, help="cluster name")
     parser.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    parser.add_argument("--expect", action="append", default=[], metavar="DECISION",
+                        help="expected decision of each case, in order (ALLOW/DENY); exit 1 on a mismatch")
     parser.add_argument("cases", nargs="+", metavar="NS/POD=URL")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.expect and len(args.expect) != len(args.cases):
+        parser.error("give one --expect per case")
     try:
         status = runner.cluster_status(args.name, live=False)
         results = [run_case(args.name, status, *parse_case(c)) for c in args.cases]
@@ -196,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps([asdict(r) for r in results], indent=1))
     else:
         print(render(results))
-    return 0
+    wrong = [f"{r.client} -> {r.url}: {r.decision}, expected {e.upper()}"
+             for r, e in zip(results, args.expect, strict=False) if r.decision != e.upper()]
+    for w in wrong:
+        print(f"unexpected: {w}", file=sys.stderr)
+    return 1 if wrong else 0
 
 
 if __name__ == "__main__":
