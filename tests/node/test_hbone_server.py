@@ -12,9 +12,10 @@ import pytest
 
 from zerotunnel.identity.spiffe import SpiffeId
 from zerotunnel.node.hbone_client import HboneConnectError
-from zerotunnel.node.hbone_server import InboundRequest
-from zerotunnel.node.tls import client_context
+from zerotunnel.node.hbone_server import InboundRequest, LocalWorkload
+from zerotunnel.node.tls import WorkloadCredentials, client_context
 from zerotunnel.policy.decision import Decision
+from zerotunnel.testing.certs import BAD_KINDS, EXPECTED_REASON, make_bad_svid
 
 Env = Any  # conftest.Env
 
@@ -292,3 +293,72 @@ def test_metrics_after_traffic(env: Env) -> None:
     assert (
         'istio_cert_expiry_timestamp_seconds{identity="spiffe://cluster.local/ns/default/sa/server"}' in text
     )
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_every_bad_svid_kind_is_refused(env: Env, kind: str) -> None:
+    """security.md rules 2-4 end to end: each broken client SVID (testing.certs) is refused by the
+    15008 server, by OpenSSL at the handshake or by our re-verification with the verifier's reason."""
+    leaf, key, inters = make_bad_svid(env.pki.ca, kind)  # type: ignore[arg-type]
+    creds = WorkloadCredentials.from_pem(
+        SpiffeId.parse("spiffe://cluster.local/ns/default/sa/bad"),
+        leaf + b"".join(inters),
+        key,
+        env.pki.bundle,
+    )
+
+    async def main() -> None:
+        app = await env.app("echo")
+        server = await env.server()
+        with pytest.raises(HboneConnectError):
+            await env.pool(creds).connect(env.key(server, creds), f"127.0.0.1:{app}")
+        await asyncio.sleep(0.05)
+        assert not server.live
+        await env.aclose()
+
+    run(main())
+    (failed,) = [e for e in env.logs if e["message"] == "connection failed"]
+    assert failed["error"].startswith("tls error")
+    labels = [
+        line.split('reason="', 1)[1].split('"', 1)[0]
+        for line in env.metrics.render().decode().splitlines()
+        if line.startswith("istio_tls_handshake_failures_total{")
+    ]
+    assert len(labels) == 1, labels
+    openssl_refused = labels[0].isupper() or labels[0] in ("closed", "SSLError")
+    assert openssl_refused or labels[0] == EXPECTED_REASON[kind]  # type: ignore[index]
+
+
+def test_drain_closes_live_tunnels(env: Env) -> None:
+    async def main() -> None:
+        app = await env.app("echo")
+        server = await env.server()
+        out = await env.outbound(env.pool(), env.key(server), f"127.0.0.1:{app}")
+        reader, writer = await asyncio.open_connection("127.0.0.1", out)
+        writer.write(b"a")
+        assert await reader.readexactly(1) == b"a"
+        await server.close(grace=0.1)
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        await env.aclose()
+
+    run(main())
+    inbound = [e for e in env.logs if e["direction"] == "inbound"]
+    assert inbound[0]["error"] == "connection closed due to connection drain"
+
+
+def test_ipv6_authority(env: Env) -> None:
+    async def main() -> None:
+        app = await env.app("echo", host="::1")
+        server = await env.server(host="::1", local_workload=lambda ip: LocalWorkload("s", "default"))
+        stream = await env.pool().connect(env.key(server), f"[::1]:{app}")
+        assert stream.stream_id == 1
+        stream.abort()
+        with pytest.raises(HboneConnectError) as info:
+            await env.pool().connect(env.key(server), f"[::2]:{app}")
+        assert info.value.message == "http status: 400"
+        await env.aclose()
+
+    run(main())
+    assert any(e.get("error") == "ip mismatch: ::1 != ::2" for e in env.logs)

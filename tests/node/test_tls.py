@@ -208,3 +208,25 @@ def test_openssl_s_client_sees_no_ticket_and_tls13(pki: Pki, tmp_path: Any) -> N
     out = asyncio.run(run())
     assert "TLSv1.3" in out and "ALPN protocol: h2" in out
     assert "NewSessionTicket" not in out and "TLS session ticket:" not in out
+
+
+def test_client_sends_no_sni(pki: Pki) -> None:
+    """§1.6: SNI disabled; asyncio's server_hostname="" must not put one in the ClientHello."""
+    seen: list[object] = []
+    server = pki.creds("default", "productpage")
+
+    async def run() -> None:
+        ctx = server_context(server)
+        ctx.sni_callback = lambda _obj, name, _ctx: seen.append(name)  # type: ignore[assignment,misc]
+        loop = asyncio.get_running_loop()
+        srv = await loop.create_server(_Capture, "127.0.0.1", 0, ssl=ctx)
+        port = srv.sockets[0].getsockname()[1]
+        try:
+            cctx = client_context(pki.creds("default", "curl"))
+            await loop.create_connection(_Capture, "127.0.0.1", port, ssl=cctx, server_hostname="")
+            await asyncio.sleep(0.1)
+        finally:
+            srv.close()
+
+    asyncio.run(run())
+    assert seen == [None]
