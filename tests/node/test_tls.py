@@ -116,7 +116,7 @@ def test_ca_as_leaf_refused_by_reverification(pki: Pki, ca_as_leaf_creds: Worklo
     # and our re-verification refuses it too, should an OpenSSL build ever let it through
     leaf = x509.load_pem_x509_certificates(ca_as_leaf_creds.chain_pem)[0]
     with pytest.raises(TlsIdentityError, match="leaf-is-ca"):
-        verify_client_peer(_FakeSsl(leaf.public_bytes(serialization.Encoding.DER)), server, _now())
+        verify_client_peer(_FakeSsl(leaf.public_bytes(serialization.Encoding.DER)), server, _now())  # type: ignore[arg-type]
 
 
 class _FakeSsl:
@@ -217,7 +217,7 @@ def test_client_sends_no_sni(pki: Pki) -> None:
 
     async def run() -> None:
         ctx = server_context(server)
-        ctx.sni_callback = lambda _obj, name, _ctx: seen.append(name)  # type: ignore[assignment,misc]
+        ctx.sni_callback = lambda _obj, name, _ctx: seen.append(name)
         loop = asyncio.get_running_loop()
         srv = await loop.create_server(_Capture, "127.0.0.1", 0, ssl=ctx)
         port = srv.sockets[0].getsockname()[1]
