@@ -107,7 +107,7 @@ def authz() -> None:
 @click.option("--header", "headers", multiple=True, metavar="NAME=VALUE")
 @click.option("--jwt", help="bearer token sent as Authorization")
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
-def check(  # noqa: PLR0917 - click passes every option as an argument
+def check(
     files: tuple[str, ...],
     to: str,
     to_ip: str | None,
