@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from typing import Any
 
 import pytest
@@ -159,6 +161,31 @@ def test_ping_keepalive_and_timeout(env: Env) -> None:
         srv.close()
         for w in silent:
             w.close()
+        await env.aclose()
+
+    run(main())
+
+
+def test_socket_mark_nodelay_and_source_ip(env: Env) -> None:
+    """§1.5/§2.2: outbound sockets carry SO_MARK 0x539 (when allowed: root) and TCP_NODELAY, and
+    leave from the pool key's source IP."""
+
+    async def main() -> None:
+        app = await env.app("hold")
+        server = await env.server()
+        pool = env.pool()
+        pool.mark = True
+        key = PoolKey(
+            env.client_creds.identity, frozenset({env.server_creds.identity}), server.address, "127.0.0.2"
+        )
+        await pool.connect(key, f"127.0.0.1:{app}")
+        (conn,) = pool.connections(key)
+        sock = conn.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        expected_mark = 0x539 if os.geteuid() == 0 else 0
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == expected_mark
+        (server_side,) = server.connections
+        assert server_side.peer_addr[0] == "127.0.0.2"
         await env.aclose()
 
     run(main())
