@@ -173,7 +173,13 @@ def test_socket_mark_nodelay_and_source_ip(env: Env) -> None:
     async def main() -> None:
         app = await env.app("hold")
         server = await env.server()
-        pool = env.pool()
+        made: list[int] = []
+
+        def factory(family: socket.AddressFamily) -> socket.socket:
+            made.append(family)
+            return socket.socket(family, socket.SOCK_STREAM)
+
+        pool = env.pool(sock_factory=factory)
         pool.mark = True
         key = PoolKey(
             env.client_creds.identity, frozenset({env.server_creds.identity}), server.address, "127.0.0.2"
@@ -186,6 +192,7 @@ def test_socket_mark_nodelay_and_source_ip(env: Env) -> None:
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == expected_mark
         (server_side,) = server.connections
         assert server_side.peer_addr[0] == "127.0.0.2"
+        assert made == [socket.AF_INET]
         await env.aclose()
 
     run(main())

@@ -362,3 +362,17 @@ def test_ipv6_authority(env: Env) -> None:
 
     run(main())
     assert any(e.get("error") == "ip mismatch: ::1 != ::2" for e in env.logs)
+
+
+def test_waypoint_accepts_authority_for_another_ip(env: Env) -> None:
+    """§1.4 step 5's exception: a waypoint receives tunnels addressed to what is behind it."""
+
+    async def main() -> None:
+        app = await env.app("echo", host="127.0.0.2")
+        server = await env.server(waypoint=True)
+        stream = await env.pool().connect(env.key(server), f"127.0.0.2:{app}")
+        stream.abort()
+        await env.aclose()
+
+    run(main())
+    assert not any("ip mismatch" in str(e.get("error")) for e in env.logs)

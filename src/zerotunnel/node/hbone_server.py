@@ -136,8 +136,13 @@ class HboneServer:
         settings: HboneSettings = SERVER_SETTINGS,
         limits: AbuseLimits | None = None,
         handshake_timeout: float = 10.0,
+        waypoint: bool = False,
     ) -> None:
         self.credentials = credentials
+        self.waypoint = waypoint
+        """A waypoint receives tunnels for what is behind it (a service VIP, a pod IP), so step 4
+        does not apply (security.md §1b: "unless the receiver is the target's waypoint"); its
+        `connect_upstream` checks the target is bound to it."""
         self.authorize = authorize
         self.local_workload = local_workload
         self.connect_upstream = connect_upstream
@@ -275,7 +280,7 @@ class HboneServer:
             record.dst_service = workload.service
             if ev.authority.ip is None:
                 raise InboundRejected(f"unknown service: {ev.authority.host}", status=503)
-            if str(ev.authority.ip) != landed[0]:
+            if not self.waypoint and str(ev.authority.ip) != landed[0]:
                 raise InboundRejected(f"ip mismatch: {landed[0]} != {ev.authority.ip}", status=400)
             if ev.authority.port in ILLEGAL_PORTS:
                 raise InboundRejected("attempted recursive call to ourselves", status=503)
