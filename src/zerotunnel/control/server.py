@@ -45,7 +45,7 @@ from zerotunnel.identity.bundle import TrustBundle
 from zerotunnel.identity.ca import CLOCK_SKEW_GRACE, CaError, CertificateAuthority, IssuedChain
 from zerotunnel.identity.csr import generate_key, private_key_pem, signature_hash
 from zerotunnel.identity.spiffe import SpiffeId
-from zerotunnel.identity.verify import VerificationError, verify_peer
+from zerotunnel.identity.verify import VerificationError, VerifiedPeer, verify_peer
 from zerotunnel.proto import ca_pb2, ca_pb2_grpc, enrol_pb2, enrol_pb2_grpc
 
 log = logging.getLogger("zerotunnel.control")
@@ -56,6 +56,7 @@ SERVER_CERT_TTL = timedelta(days=365)
 NODE_CERT_TTL = timedelta(hours=24)
 MAX_MESSAGE_BYTES = 64 * 1024
 STATUS_FILE = "status.json"
+VERIFIED_CACHE_SIZE = 4096
 Clock = Callable[[], datetime]
 
 _CODES = {
@@ -192,6 +193,9 @@ class ControlPlane:
         self._started = clock()
         self.ca_port = 0
         self.enrol_port = 0
+        # A node presents the same SVID on every call: the full path validation is done once per
+        # (certificate, CA) and the cached result is used only inside the certificate's validity window.
+        self._verified: dict[tuple[bytes, bytes], VerifiedPeer] = {}
         self.tokens = TokenStore(state_dir)
         self.ca: CertificateAuthority
         self.ca_source: Path
@@ -298,16 +302,24 @@ class ControlPlane:
         pems = auth.get("x509_pem_cert")
         if not pems:
             raise CaDenied("unauthenticated", "no client certificate (use the node SVID from enrolment)")
+        now = self._clock()
+        key = (pems[0], self.ca.root_bundle_pem)
+        cached = self._verified.get(key)
+        if cached is not None and cached.leaf.not_valid_before_utc <= now <= cached.not_after:
+            return cached.spiffe_id
         chain = auth.get("x509_pem_cert_chain") or []
         extra = [c for blob in chain for c in x509.load_pem_x509_certificates(blob)][1:]
         bundle = TrustBundle.from_certs(self.config.mesh.trust_domain, self.ca.roots)
         try:
             peer = verify_peer(
                 pems[0], [*extra, *(x509.load_pem_x509_certificate(p) for p in self.ca.intermediates_pem)],
-                bundle, self._clock(), peer_role="client",
+                bundle, now, peer_role="client",
             )
         except VerificationError as exc:
             raise CaDenied("unauthenticated", f"client certificate rejected: {exc.message}") from None
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            self._verified.pop(next(iter(self._verified)))
+        self._verified[key] = peer
         return peer.spiffe_id
 
     # -- status -----------------------------------------------------------------------------------
