@@ -74,10 +74,11 @@ class TrafficLabels:
     connection_security_policy: str = UNKNOWN
 
     def values(self) -> list[str]:
-        return [getattr(self, f.name) or UNKNOWN for f in fields(self)]
+        return [getattr(self, name) or UNKNOWN for name in TRAFFIC_LABELS]
 
 
-assert tuple(f.name for f in fields(TrafficLabels)) == TRAFFIC_LABELS
+if tuple(f.name for f in fields(TrafficLabels)) != TRAFFIC_LABELS:  # the label order is the contract
+    raise AssertionError("TrafficLabels fields must match TRAFFIC_LABELS")
 
 
 class ProxyMetrics:
