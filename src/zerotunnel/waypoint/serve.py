@@ -1,0 +1,299 @@
+"""The downstream side of an L7 proxy: HTTP/1.1 (h11) or HTTP/2 with prior knowledge (h2) over one
+byte channel, each request handed to a handler and its response written back.
+
+istio-ambient.md §6 and issue 7: keep-alive and pipelining (h11 holds the next request until the
+current response is written), chunked bodies, `Expect: 100-continue`; an `Upgrade: h2c` request is
+served as plain HTTP/1.1 (Envoy drops that upgrade too), any other upgrade and `CONNECT` are refused
+with 501 and a clear reason. Bounds (security.md §1d, §3): 64 KiB of headers (431 on HTTP/1.1, stream
+reset on HTTP/2), bodies up to 16 MiB (413), at most 100 concurrent HTTP/2 streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+import h11
+
+from zerotunnel.waypoint.http import (
+    MAX_BODY_BYTES,
+    MAX_HEADER_BYTES,
+    ByteChannel,
+    HttpError,
+    HttpRequest,
+    HttpResponse,
+    text_response,
+)
+
+log = logging.getLogger("zerotunnel.waypoint")
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+MAX_CONCURRENT_STREAMS = 100
+Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
+_NO_BODY = frozenset({204, 304})
+
+
+def _s(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in headers]
+
+
+def _upgrade_refusal(request: HttpRequest) -> HttpResponse | None:
+    """None when the request may proceed (no upgrade, or h2c which is simply ignored)."""
+    if request.method == "CONNECT":
+        return text_response(501, "CONNECT is not supported by this proxy\n")
+    upgrade = request.header("upgrade")
+    if upgrade is None:
+        return None
+    protocols = [p.strip().lower() for p in upgrade.split(",") if p.strip()]
+    if all(p == "h2c" for p in protocols):
+        return None
+    return text_response(501, f"upgrade not supported by this proxy: {upgrade}\n")
+
+
+async def serve_http(channel: ByteChannel, handler: Handler, *, scheme: str = "http") -> None:
+    """Serve every request on `channel` until the client closes; returns when done."""
+    first = await channel.recv()
+    if not first:
+        return
+    if H2_PREFACE.startswith(first[: len(H2_PREFACE)]):
+        while len(first) < len(H2_PREFACE) and H2_PREFACE.startswith(first):
+            more = await channel.recv()
+            if not more:
+                return
+            first += more
+    if first.startswith(H2_PREFACE):
+        await _H2Session(channel, handler, scheme).run(first)
+    else:
+        await _serve_h1(channel, handler, first, scheme)
+
+
+# -- HTTP/1.1 -------------------------------------------------------------------------------------
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _h1_next(conn: h11.Connection, channel: ByteChannel, scheme: str) -> HttpRequest | None:
+    request: HttpRequest | None = None
+    body: list[bytes] = []
+    size = 0
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            if request is not None and conn.they_are_waiting_for_100_continue:
+                await channel.send(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+            conn.receive_data(await channel.recv())
+            continue
+        if event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
+            return None
+        if isinstance(event, h11.Request):
+            request = HttpRequest(event.method.decode("ascii", "replace"),
+                                  event.target.decode("latin-1"), _s(list(event.headers)),
+                                  http_version=event.http_version.decode(), scheme=scheme)
+            refusal = _upgrade_refusal(request)
+            if refusal is not None:
+                raise HttpError(refusal.body.decode().strip(), status=refusal.status)
+        elif isinstance(event, h11.Data):
+            size += len(event.data)
+            if size > MAX_BODY_BYTES:
+                raise _TooLarge
+            body.append(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            assert request is not None
+            request.body = b"".join(body)
+            return request
+
+
+def _h1_response_events(
+    request: HttpRequest | None, response: HttpResponse, close: bool
+) -> list[h11.Response | h11.Data | h11.EndOfMessage]:
+    headers = list(response.headers)
+    no_body = (request is not None and request.method == "HEAD") or response.status in _NO_BODY
+    if not no_body:
+        headers = [(k, v) for k, v in headers if k != "content-length"]
+        headers.append(("content-length", str(len(response.body))))
+    if close:
+        headers.append(("connection", "close"))
+    events: list[h11.Response | h11.Data | h11.EndOfMessage] = [
+        h11.Response(status_code=response.status,
+                     headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers])
+    ]
+    if response.body and not no_body:
+        events.append(h11.Data(data=response.body))
+    events.append(h11.EndOfMessage())
+    return events
+
+
+async def _send_h1(conn: h11.Connection, channel: ByteChannel, request: HttpRequest | None,
+                   response: HttpResponse, *, close: bool = False) -> None:
+    if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        return
+    wire = b"".join(conn.send(ev) or b"" for ev in _h1_response_events(request, response, close))
+    await channel.send(wire)
+
+
+async def _serve_h1(channel: ByteChannel, handler: Handler, first: bytes, scheme: str) -> None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+    conn.receive_data(first)
+    try:
+        while True:
+            try:
+                request = await _h1_next(conn, channel, scheme)
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint
+                text = "request header fields too large" if status == 431 else f"bad request: {exc}"
+                await _send_h1(conn, channel, None, text_response(status, text + "\n"), close=True)
+                return
+            except HttpError as exc:
+                await _send_h1(conn, channel, None, text_response(exc.status or 400, exc.message + "\n"),
+                               close=True)
+                return
+            except _TooLarge:
+                await _send_h1(conn, channel, None, text_response(413, "payload too large\n"), close=True)
+                return
+            if request is None:
+                return
+            response = await handler(request)
+            await _send_h1(conn, channel, request, response)
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state in (h11.MUST_CLOSE, h11.CLOSED):
+                return
+            try:
+                conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+    finally:
+        channel.send_eof()
+
+
+# -- HTTP/2 (prior knowledge) ---------------------------------------------------------------------
+
+
+class _H2Session:
+    """One HTTP/2 connection; every stream's request is handled concurrently (up to 100)."""
+
+    def __init__(self, channel: ByteChannel, handler: Handler, scheme: str) -> None:
+        self.channel = channel
+        self.handler = handler
+        self.scheme = scheme
+        self.conn = h2.connection.H2Connection(
+            config=h2.config.H2Configuration(client_side=False, header_encoding=None)
+        )
+        self.conn.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_BYTES,
+            },
+        )
+        self.requests: dict[int, HttpRequest] = {}
+        self.sizes: dict[int, int] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.window = asyncio.Event()
+        self.lock = asyncio.Lock()
+
+    async def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            async with self.lock:
+                await self.channel.send(data)
+
+    async def run(self, first: bytes) -> None:
+        self.conn.initiate_connection()
+        await self.flush()
+        data = first
+        try:
+            while data:
+                try:
+                    events = self.conn.receive_data(data)
+                except (h2.exceptions.ProtocolError, ValueError) as exc:
+                    log.info("HTTP/2 protocol error from client: %s", exc)
+                    with contextlib.suppress(h2.exceptions.ProtocolError):
+                        self.conn.close_connection(error_code=h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                    await self.flush()
+                    return
+                for event in events:
+                    self._event(event)
+                await self.flush()
+                data = await self.channel.recv()
+        finally:
+            for task in list(self.tasks):
+                task.cancel()
+            self.channel.send_eof()
+
+    def _event(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            assert event.stream_id is not None and event.headers is not None
+            headers = _s(list(event.headers))
+            pseudo = {k: v for k, v in headers if k.startswith(":")}
+            regular = [(k, v) for k, v in headers if not k.startswith(":")]
+            if ":authority" in pseudo and not any(k == "host" for k, _ in regular):
+                regular.insert(0, ("host", pseudo[":authority"]))
+            self.requests[event.stream_id] = HttpRequest(
+                pseudo.get(":method", ""), pseudo.get(":path", ""), regular, http_version="2",
+                scheme=self.scheme)
+            self.sizes[event.stream_id] = 0
+        elif isinstance(event, h2.events.DataReceived):
+            sid = event.stream_id
+            assert sid is not None and event.data is not None
+            request = self.requests.get(sid)
+            self.conn.acknowledge_received_data(event.flow_controlled_length, sid)
+            if request is None:
+                return
+            self.sizes[sid] += len(event.data)
+            if self.sizes[sid] > MAX_BODY_BYTES:
+                self.requests.pop(sid, None)
+                self._spawn(self._respond(sid, None, text_response(413, "payload too large\n")))
+                return
+            request.body += event.data
+        elif isinstance(event, h2.events.StreamEnded):
+            assert event.stream_id is not None
+            request = self.requests.pop(event.stream_id, None)
+            if request is not None:
+                self._spawn(self._handle(event.stream_id, request))
+        elif isinstance(event, h2.events.StreamReset):
+            assert event.stream_id is not None
+            self.requests.pop(event.stream_id, None)
+        elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            self.window.set()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _handle(self, sid: int, request: HttpRequest) -> None:
+        refusal = _upgrade_refusal(request)
+        response = refusal if refusal is not None else await self.handler(request)
+        await self._respond(sid, request, response)
+
+    async def _respond(self, sid: int, request: HttpRequest | None, response: HttpResponse) -> None:
+        headers = [(":status", str(response.status))]
+        headers += [(k, v) for k, v in response.headers if k not in ("content-length",)]
+        no_body = (request is not None and request.method == "HEAD") or response.status in _NO_BODY
+        if not no_body:
+            headers.append(("content-length", str(len(response.body))))
+        body = b"" if no_body else response.body
+        try:
+            self.conn.send_headers(sid, [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+                                   end_stream=not body)
+            await self.flush()
+            view = memoryview(body)
+            while view:
+                window = min(self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size)
+                if window <= 0:
+                    self.window.clear()
+                    await self.window.wait()
+                    continue
+                chunk, view = view[:window], view[window:]
+                self.conn.send_data(sid, bytes(chunk), end_stream=not view)
+                await self.flush()
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
+            return
