@@ -333,11 +333,21 @@ def test_drain_closes_live_tunnels(env: Env) -> None:
     async def main() -> None:
         app = await env.app("echo")
         server = await env.server()
-        out = await env.outbound(env.pool(), env.key(server), f"127.0.0.1:{app}")
+        pool = env.pool()
+        key = env.key(server)
+        out = await env.outbound(pool, key, f"127.0.0.1:{app}")
         reader, writer = await asyncio.open_connection("127.0.0.1", out)
         writer.write(b"a")
         assert await reader.readexactly(1) == b"a"
-        await server.close(grace=0.1)
+        drain = asyncio.create_task(server.close(grace=0.3))
+        await asyncio.sleep(0.05)
+        # during the grace period the live tunnel still works; new tunnels are refused
+        writer.write(b"b")
+        assert await reader.readexactly(1) == b"b"
+        with pytest.raises(HboneConnectError) as info:
+            await pool.connect(key, f"127.0.0.1:{app}")
+        assert info.value.message == "http status: 503"
+        await drain
         with contextlib.suppress(ConnectionError):
             assert await asyncio.wait_for(reader.read(), 5) == b""
         writer.close()
@@ -345,7 +355,7 @@ def test_drain_closes_live_tunnels(env: Env) -> None:
 
     run(main())
     inbound = [e for e in env.logs if e["direction"] == "inbound"]
-    assert inbound[0]["error"] == "connection closed due to connection drain"
+    assert [e["error"] for e in inbound] == ["connection closed due to connection drain"] * 2
 
 
 def test_ipv6_authority(env: Env) -> None:

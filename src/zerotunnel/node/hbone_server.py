@@ -159,6 +159,7 @@ class HboneServer:
         self.live: dict[tuple[int, int], LiveTunnel] = {}
         self._pending: dict[tuple[int, int], _Pending] = {}
         self._epoch = 0
+        self._draining = False
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -187,6 +188,7 @@ class HboneServer:
     async def close(self, grace: float = 5.0) -> None:
         """Graceful drain (security.md rule 19): stop accepting, let tunnels finish for `grace`
         seconds, then close the rest with `connection closed due to connection drain`."""
+        self._draining = True
         if self._server is not None:
             self._server.close()
         deadline = asyncio.get_running_loop().time() + grace
@@ -271,6 +273,8 @@ class HboneServer:
         workload: LocalWorkload | None = None
         relay: TcpRelay | None = None
         try:
+            if self._draining:  # h2 cannot send a graceful GOAWAY and keep streams; refuse new ones
+                raise InboundRejected(DRAIN, status=503)
             workload = self.local_workload(landed[0])
             if workload is None:
                 raise InboundRejected(f"failed to fetch information about local workload: {landed[0]}",
