@@ -322,3 +322,76 @@ def test_addresses() -> None:
     assert split_address("[::1]:15012") == ("::1", 15012)
     assert enrolment_address("127.0.0.1:15012") == "127.0.0.1:15013"
     assert enrolment_address("[::1]:15012") == "[::1]:15013"
+
+
+async def test_root_rotation_add_reissue_retire_without_a_refused_node(tmp_path: Path) -> None:
+    """security.md rule 16: add the new root to the bundle, issue from the new CA, drop the old root."""
+    from zerotunnel.control.castore import init_root, write_files
+
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "mesh.yaml").write_text(CONFIG)
+    cacerts = tmp_path / "cacerts"
+    old = init_root(cacerts, TD, datetime.now(UTC))
+    plane = ControlPlane(tmp_path / "cp", [tmp_path / "config"], ca_dir=cacerts,
+                         listen="127.0.0.1:0", enrol_listen="127.0.0.1:0")
+    await plane.start()
+    cp = Plane(plane, Clock(), tmp_path)
+    addr = cp.ca_addr
+    state = tmp_path / "node"
+    token, _ = plane.tokens.create("node-a", datetime.now(UTC))
+    await enroll(addr, token, state, old.root_bundle_pem, enrol_address=cp.enrol_addr)
+    old_node_svid = load_node_identity(state)
+    assert old_node_svid is not None
+
+    def issuer(pem: bytes) -> x509.Name:
+        return x509.load_pem_x509_certificate(pem).issuer
+
+    async def pod_cert() -> bytes:
+        client = GrpcCaClient(addr, state)  # a new channel: a new TLS handshake with the current config
+        try:
+            chain = await client.sign(WEB, _csr(WEB), None)
+            await client.refresh_node_identity()
+        finally:
+            await client.close()
+        return chain.leaf_pem
+
+    try:
+        new = CertificateAuthority.create_root(TD, datetime.now(UTC))
+        assert new.signing_cert.subject == old.signing_cert.subject  # same name: only keys tell them apart
+        # 1. add the new root to the bundle; still issuing from the old CA
+        write_files({cacerts / "root-cert.pem": (old.root_bundle_pem + new.root_bundle_pem, 0o644)})
+        assert plane.reload_ca() and len(plane.ca.roots) == 2
+        leaf = await pod_cert()
+        x509.load_pem_x509_certificate(leaf).verify_directly_issued_by(old.signing_cert)
+        assert load_node_identity(state).roots_pem.count(b"BEGIN CERTIFICATE") == 2  # type: ignore[union-attr]
+        # 2. issue from the new CA (bundle still holds both roots): nodes with old SVIDs still get in
+        write_files({
+            cacerts / "ca-cert.pem": (new.signing_cert_pem, 0o644),
+            cacerts / "ca-key.pem": (new.signing_key_pem(), 0o600),
+            cacerts / "cert-chain.pem": (new.signing_cert_pem, 0o644),
+        })
+        assert plane.reload_ca()
+        leaf = await pod_cert()
+        x509.load_pem_x509_certificate(leaf).verify_directly_issued_by(new.signing_cert)
+        renewed = load_node_identity(state)
+        assert renewed is not None
+        x509.load_pem_x509_certificate(renewed.chain_pem).verify_directly_issued_by(new.signing_cert)
+        # 3. retire the old root: the renewed node keeps working, an SVID from the old root is refused
+        write_files({cacerts / "root-cert.pem": (new.root_bundle_pem, 0o644)})
+        assert plane.reload_ca() and len(plane.ca.roots) == 1
+        leaf = await pod_cert()
+        x509.load_pem_x509_certificate(leaf).verify_directly_issued_by(new.signing_cert)
+        stale = grpc.ssl_channel_credentials(
+            new.root_bundle_pem, old_node_svid.key_pem, old_node_svid.chain_pem
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _call(addr, stale, _csr(WEB), WEB)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert plane.status()["certificates"]["refused"] == {}
+        # a broken CA directory keeps the current CA and is reported
+        write_files({cacerts / "ca-key.pem": (old.signing_key_pem(), 0o600)})
+        assert not plane.reload_ca()
+        assert "does not match" in plane.status()["ca"]["error"]
+        await pod_cert()
+    finally:
+        await plane.stop(grace=0)

@@ -151,8 +151,9 @@ def status(state_dir: str, as_json: bool) -> None:
     lines = [
         f"status as of   {data['updated']}",
         f"trust domain   {data['trust_domain']}",
-        f"CA             {data['ca']['source']} (root sha256 {data['ca']['root_sha256']}, "
-        f"until {data['ca']['not_after']})",
+        f"CA             {data['ca']['source']} ({data['ca'].get('roots', 1)} root(s), first root sha256 "
+        f"{data['ca']['root_sha256']}, until {data['ca']['not_after']})"
+        + (f", ERROR: {data['ca']['error']}" if data["ca"].get("error") else ""),
         f"listening      CA {data['listen']['ca']}, enrolment {data['listen']['enrolment']}",
         f"config         version {cfg['version']}" + (f", ERROR: {cfg['error']}" if cfg["error"] else ", ok"),
         f"certificates   issued {certs['issued']}, refused: {refused}",

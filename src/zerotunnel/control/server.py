@@ -44,6 +44,7 @@ from zerotunnel.errors import InputError
 from zerotunnel.identity.bundle import TrustBundle
 from zerotunnel.identity.ca import CLOCK_SKEW_GRACE, CaError, CertificateAuthority, IssuedChain
 from zerotunnel.identity.csr import generate_key, private_key_pem, signature_hash
+from zerotunnel.identity.rotation import refresh_at
 from zerotunnel.identity.spiffe import SpiffeId
 from zerotunnel.identity.verify import VerificationError, VerifiedPeer, verify_peer
 from zerotunnel.proto import ca_pb2, ca_pb2_grpc, enrol_pb2, enrol_pb2_grpc
@@ -98,6 +99,14 @@ def load_or_create_ca(
     return castore.init_root(own, trust_domain, now), own
 
 
+def _aki(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    try:
+        ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key())  # type: ignore[arg-type]
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
 def server_certificate(
     ca: CertificateAuthority, trust_domain: str, hosts: Sequence[str], now: datetime
 ) -> tuple[bytes, bytes]:
@@ -131,10 +140,21 @@ def server_certificate(
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        # The AKI lets verifiers pick the right issuer when two roots share a name (root rotation).
+        .add_extension(_aki(ca.signing_cert), critical=False)
         .sign(ca.signing_key, signature_hash(ca.signing_key))
     )
     chain = leaf.public_bytes(serialization.Encoding.PEM) + b"".join(ca.intermediates_pem)
     return chain, private_key_pem(key)
+
+
+def _dir_stamp(directory: Path) -> tuple[tuple[str, int, int], ...]:
+    """Names, sizes and mtimes of a CA directory's files: a cheap "did anything change" check."""
+    try:
+        files = [p for p in sorted(directory.iterdir()) if p.is_file()]
+        return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    except OSError:
+        return ()
 
 
 def fingerprint(pem: bytes) -> str:
@@ -190,6 +210,10 @@ class ControlPlane:
         self._stop = asyncio.Event()
         self._counters = _Counters(Counter(), Counter(), {})
         self._config_error: str | None = None
+        self._ca_error: str | None = None
+        self._ca_stamp: tuple[tuple[str, int, int], ...] = ()
+        self._pending_tls: dict[str, grpc.ServerCertificateConfiguration] = {}
+        self._server_refresh_at = clock()
         self._started = clock()
         self.ca_port = 0
         self.enrol_port = 0
@@ -218,10 +242,8 @@ class ControlPlane:
         ca_dir = self._ca_dir or (Path(self.config.mesh.ca_dir) if self.config.mesh.ca_dir else None)
         self.ca, self.ca_source = load_or_create_ca(self.state_dir, ca_dir, td, now)
         self.service = CaService(lambda: self.ca, lambda: self.config)
-        ca_host, _ = split_address(self._listen)
-        enrol_host, _ = split_address(self._enrol_listen)
-        chain, key = server_certificate(self.ca, td, sorted({ca_host, enrol_host}), now)
-        roots = self.ca.root_bundle_pem
+        self._ca_stamp = _dir_stamp(self.ca_source)
+        initial = self._renew_server_certificate(now)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -234,15 +256,18 @@ class ControlPlane:
         enrol_pb2_grpc.add_NodeEnrolmentServicer_to_server(  # type: ignore[no-untyped-call]
             _EnrolServicer(self), server
         )
+        # Dynamic credentials: grpc asks `_fetch_tls` before every handshake, so a renewed server
+        # certificate or a new root bundle (root rotation) applies to the next connection.
         try:
             self.ca_port = server.add_secure_port(
                 self._listen,
-                grpc.ssl_server_credentials(
-                    [(key, chain)], root_certificates=roots, require_client_auth=True
+                grpc.dynamic_ssl_server_credentials(
+                    initial["ca"], lambda: self._fetch_tls("ca"), require_client_authentication=True
                 ),
             )
             self.enrol_port = server.add_secure_port(
-                self._enrol_listen, grpc.ssl_server_credentials([(key, chain)])
+                self._enrol_listen,
+                grpc.dynamic_ssl_server_credentials(initial["enrol"], lambda: self._fetch_tls("enrol")),
             )
         except RuntimeError as exc:
             raise InputError(f"cannot listen on {self._listen} / {self._enrol_listen}: {exc}") from None
@@ -252,11 +277,67 @@ class ControlPlane:
         self._tasks = [
             loop.create_task(self._source.watch(self._on_config, self._on_config_error, self._stop)),
             loop.create_task(self._status_loop()),
+            loop.create_task(self._maintain_tls()),
         ]
         log.info("control plane serving CA on %s (port %d), enrolment on %s (port %d); root %s",
                  self._listen, self.ca_port, self._enrol_listen, self.enrol_port,
                  fingerprint(self.ca.root_bundle_pem))
         self.write_status()
+
+    # -- CA and server certificate rotation ------------------------------------------------------
+
+    def _renew_server_certificate(self, now: datetime) -> dict[str, grpc.ServerCertificateConfiguration]:
+        """A fresh server SVID from the current CA; both ports pick it up at their next handshake."""
+        ca_host, _ = split_address(self._listen)
+        enrol_host, _ = split_address(self._enrol_listen)
+        chain, key = server_certificate(self.ca, self.config.mesh.trust_domain, sorted({ca_host, enrol_host}),
+                                        now)
+        leaf = x509.load_pem_x509_certificate(chain)
+        self._server_refresh_at = refresh_at(leaf.not_valid_before_utc, leaf.not_valid_after_utc)
+        configs = {
+            "ca": grpc.ssl_server_certificate_configuration([(key, chain)], self.ca.root_bundle_pem),
+            "enrol": grpc.ssl_server_certificate_configuration([(key, chain)]),
+        }
+        self._pending_tls = dict(configs)
+        return configs
+
+    def _fetch_tls(self, port: str) -> grpc.ServerCertificateConfiguration | None:
+        return self._pending_tls.pop(port, None)
+
+    def reload_ca(self) -> bool:
+        """Load the CA directory again if its files changed (root rotation, plug-in CA renewal).
+
+        A directory that does not load keeps the old CA in force and is reported in `status`, like a
+        bad config. Returns True when a new CA took over.
+        """
+        stamp = _dir_stamp(self.ca_source)
+        if stamp == self._ca_stamp:
+            return False
+        self._ca_stamp = stamp
+        now = self._clock()
+        try:
+            fresh = castore.load_ca(self.ca_source, now)
+        except InputError as exc:
+            self._ca_error = exc.message
+            log.error("CA directory %s rejected, keeping the current CA: %s", self.ca_source, exc.message)
+            return False
+        self._ca_error = None
+        self.ca = fresh
+        self._renew_server_certificate(now)
+        log.info("CA reloaded from %s: %d root(s), signing cert %s, root bundle sha256 %s", self.ca_source,
+                 len(fresh.roots), fresh.signing_cert.subject.rfc4514_string(),
+                 fingerprint(fresh.root_bundle_pem))
+        return True
+
+    async def _maintain_tls(self) -> None:
+        while True:
+            await asyncio.sleep(self._status_interval)
+            try:
+                self.reload_ca()
+                if self._clock() >= self._server_refresh_at:
+                    self._renew_server_certificate(self._clock())
+            except Exception:  # keep serving with what we have; the next round retries
+                log.exception("CA/server certificate maintenance failed")
 
     async def stop(self, grace: float = 1.0) -> None:
         self._stop.set()
@@ -339,7 +420,10 @@ class ControlPlane:
                        "enrolment": self._enrol_listen, "enrolment_port": self.enrol_port},
             "trust_domain": self.config.mesh.trust_domain,
             "ca": {"source": str(self.ca_source), "root_sha256": fingerprint(self.ca.root_bundle_pem),
-                   "not_after": self.ca.not_after.isoformat()},
+                   "roots": len(self.ca.roots),
+                   "roots_sha256": [r.fingerprint(hashes.SHA256()).hex(":").upper() for r in self.ca.roots],
+                   "not_after": self.ca.not_after.isoformat(),
+                   "error": self._ca_error},
             "config": {"version": loaded.version if loaded else None, "error": self._config_error},
             "certificates": {"issued": stats.issued, "refused": dict(stats.refused),
                              "issued_per_node": dict(stats.per_node)},
