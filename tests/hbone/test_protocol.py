@@ -284,3 +284,23 @@ def test_arbitrary_frames_never_raise(frames: list[tuple[int, int, int, bytes]])
         data += len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big") + payload
     s.receive_data(bytes(data))
     s.data_to_send()
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 9), st.integers(0, 255), st.integers(0, 7), st.binary(max_size=64)),
+        max_size=12,
+    )
+)
+def test_client_survives_arbitrary_server_frames(frames: list[tuple[int, int, int, bytes]]) -> None:
+    """A malicious server must not crash the client either."""
+    c = HboneClientConnection()
+    c.open_connect("10.0.0.2:80")
+    c.data_to_send()
+    data = bytearray(SettingsFrame(0).serialize())
+    for ftype, flags, sid, payload in frames:
+        data += len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big") + payload
+    c.receive_data(bytes(data))
+    c.data_to_send()
+    assert c.capacity >= 0

@@ -9,6 +9,8 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from zerotunnel.identity.spiffe import SpiffeId
 from zerotunnel.node.hbone_client import HboneConnectError
@@ -386,3 +388,26 @@ def test_waypoint_accepts_authority_for_another_ip(env: Env) -> None:
 
     run(main())
     assert not any("ip mismatch" in str(e.get("error")) for e in env.logs)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(junk=st.binary(min_size=1, max_size=2048), preface=st.booleans())
+def test_bytes_after_tls_never_break_the_server(env: Env, junk: bytes, preface: bool) -> None:
+    """Authenticated but hostile bytes after the handshake: the connection is closed (GOAWAY) and
+    the server keeps serving everyone else (issue 4: "bad bytes never crash it")."""
+
+    async def main() -> None:
+        app = await env.app("echo")
+        server = await env.server()
+        reader, writer = await asyncio.open_connection(
+            *server.address, ssl=client_context(env.client_creds), server_hostname=""
+        )
+        writer.write((b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" if preface else b"") + junk)
+        with contextlib.suppress(ConnectionError, ssl.SSLError, TimeoutError):
+            await asyncio.wait_for(reader.read(1 << 16), 0.5)
+        writer.close()
+        stream = await env.pool().connect(env.key(server), f"127.0.0.1:{app}")
+        stream.abort()
+        await env.aclose()
+
+    run(main())
