@@ -395,3 +395,65 @@ async def test_root_rotation_add_reissue_retire_without_a_refused_node(tmp_path:
         await pod_cert()
     finally:
         await plane.stop(grace=0)
+
+
+def _grpc_over_tls12(port: int, creds: tuple[bytes, bytes], root: bytes, body: bytes) -> dict[str, str]:
+    """One unary gRPC call by hand (h2 over stdlib ssl) with TLS 1.2, which grpcio cannot be told to use."""
+    import socket
+    import ssl
+    import tempfile
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cadata=root.decode())
+    ctx.set_alpn_protocols(["h2"])
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(creds[0] + creds[1])
+        f.flush()
+        ctx.load_cert_chain(f.name)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    with ctx.wrap_socket(raw, server_hostname="istiod.istio-system.svc") as tls:
+        assert tls.version() == "TLSv1.2"
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.send_headers(1, [
+            (":method", "POST"), (":scheme", "https"), (":authority", "istiod.istio-system.svc"),
+            (":path", "/istio.v1.auth.IstioCertificateService/CreateCertificate"),
+            ("content-type", "application/grpc"), ("te", "trailers"),
+        ])
+        conn.send_data(1, b"\0" + len(body).to_bytes(4, "big") + body, end_stream=True)
+        tls.sendall(conn.data_to_send())
+        headers: dict[str, str] = {}
+        while True:
+            data = tls.recv(65536)
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    headers.update({k.decode(): v.decode() for k, v in event.headers})
+                if isinstance(event, h2.events.StreamEnded):
+                    return headers
+            tls.sendall(conn.data_to_send())
+    return headers
+
+
+async def test_tls_below_1_3_is_refused_per_call(cp: Plane) -> None:
+    import asyncio
+
+    node = await cp.node("node-a")
+    await node.close()
+    ident = node.identity
+    request = ca_pb2.IstioCertificateRequest(csr=_csr(WEB).decode())
+    request.metadata.update({"ImpersonatedIdentity": str(WEB)})
+    headers = await asyncio.to_thread(
+        _grpc_over_tls12, cp.plane.ca_port, (ident.chain_pem, ident.key_pem), cp.root,
+        request.SerializeToString(),
+    )
+    assert headers.get("grpc-status") == str(grpc.StatusCode.UNAUTHENTICATED.value[0])
+    assert "TLS 1.3 is required" in headers.get("grpc-message", "").replace("%20", " ")
+    assert cp.plane.service.stats().issued == 0

@@ -163,6 +163,15 @@ def fingerprint(pem: bytes) -> str:
     return cert.fingerprint(hashes.SHA256()).hex(":").upper()
 
 
+def require_tls13(auth: dict[str, list[bytes]]) -> None:
+    """security.md rule 6. grpcio offers no minimum TLS version, so grpc-core would complete a TLS 1.2
+    handshake; every call on it is refused instead."""
+    version = b"".join(auth.get("ssl_tls_version", []))
+    if version != b"TLSv1.3":
+        shown = version.decode() or "none"
+        raise CaDenied("unauthenticated", f"TLS 1.3 is required, peer negotiated {shown}")
+
+
 def _csr_names(csr: x509.CertificateSigningRequest) -> list[x509.GeneralName]:
     try:
         return list(csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
@@ -377,9 +386,7 @@ class ControlPlane:
     def caller_identity(self, context: grpc.aio.ServicerContext[Any, Any]) -> SpiffeId:
         """The verified node identity of a CA-port caller; CaDenied("unauthenticated") otherwise."""
         auth = context.auth_context()
-        version = b"".join(auth.get("ssl_tls_version", []))
-        if version and version != b"TLSv1.3":
-            raise CaDenied("unauthenticated", f"TLS 1.3 is required, peer negotiated {version.decode()}")
+        require_tls13(auth)
         pems = auth.get("x509_pem_cert")
         if not pems:
             raise CaDenied("unauthenticated", "no client certificate (use the node SVID from enrolment)")
@@ -521,6 +528,7 @@ class _EnrolServicer(enrol_pb2_grpc.NodeEnrolmentServicer):
     ) -> enrol_pb2.EnrolResponse:
         plane = self._plane
         try:
+            require_tls13(context.auth_context())
             node, chain = plane.enrol(
                 request.token, request.csr.encode(), int(request.validity_duration), context.peer()
             )
