@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from tests.waypoint.conftest import TD, Mesh
+import jwt
+import pytest_asyncio
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
 
+from tests.waypoint.conftest import TD, Mesh, Pki, seed_with_waypoint, start_mesh
 from zerotunnel.identity.spiffe import SpiffeId
 
 
@@ -31,3 +38,221 @@ async def test_seed_policy_denies_post_and_app_c(mesh: Mesh) -> None:
     assert denied[0]["reason"] == "allow policies exist, but none allowed"
     assert denied[0]["response_code_details"] == "rbac_access_denied_matched_policy[none]"
     assert denied[1]["src_identity"].endswith("/ns/namespace-c/sa/service-account-c")
+
+
+# -- the L7 allow/deny matrix of istio-ambient.md §6.2 ---------------------------------------------
+
+JWT_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+OTHER_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+ISSUER = "https://issuer.example"
+
+
+def _jwks(key: rsa.RSAPrivateKey) -> str:
+    jwk = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
+    jwk["kid"] = "k1"
+    return json.dumps({"keys": [jwk]})
+
+
+def _token(key: rsa.RSAPrivateKey = JWT_KEY, *, expired: bool = False, sub: str = "alice") -> str:
+    now = datetime.now(UTC)
+    exp = now - timedelta(minutes=5) if expired else now + timedelta(hours=1)
+    body = {"iss": ISSUER, "sub": sub, "aud": "app-a", "exp": int(exp.timestamp())}
+    return jwt.encode(body, key, algorithm="RS256", headers={"kid": "k1"})
+
+
+MATRIX_POLICIES = f"""
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: allow-matrix, namespace: namespace-a}}
+spec:
+  targetRefs: [{{kind: Service, group: "", name: app-a}}]
+  action: ALLOW
+  rules:
+    - to: [{{operation: {{methods: [GET, HEAD], paths: ["/public*"]}}}}]
+    - to: [{{operation: {{methods: [GET], paths: ["/api/{{*}}/info", "/files/{{**}}"]}}}}]
+    - to: [{{operation: {{methods: [POST], paths: [/submit]}}}}]
+      when: [{{key: "request.headers[x-token]", values: [secret]}}]
+    - to: [{{operation: {{hosts: [app-a.namespace-a.svc.cluster.local], paths: [/hosted]}}}}]
+    - from: [{{source: {{requestPrincipals: ["{ISSUER}/alice"]}}}}]
+      to: [{{operation: {{paths: [/jwt]}}}}]
+    - from: [{{source: {{principals: [cluster.local/ns/namespace-c/sa/service-account-c]}}}}]
+      to: [{{operation: {{paths: [/from-c]}}}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-admin, namespace: namespace-a}}
+spec:
+  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]
+  action: DENY
+  rules:
+    - to: [{{operation: {{paths: ["/public/admin*"]}}}}]
+    - when: [{{key: "request.headers[x-evil]", values: ["*"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: namespace-a}}
+spec:
+  targetRefs: [{{kind: Service, group: "", name: app-a}}]
+  jwtRules:
+    - issuer: {ISSUER}
+      audiences: [app-a]
+      jwks: '{_jwks(JWT_KEY)}'
+"""
+
+HOST = "app-a.namespace-a.svc.cluster.local"
+B = ("namespace-b", "service-account-b")
+C = ("namespace-c", "service-account-c")
+
+# (case, source, method, path, host, headers, expected status)
+MATRIX: list[tuple[str, tuple[str, str], str, str, str, list[tuple[str, str]], int]] = [
+    ("method+prefix allowed", B, "GET", "/public/x", HOST, [], 200),
+    ("HEAD allowed", B, "HEAD", "/public", HOST, [], 200),
+    ("method not listed", B, "DELETE", "/public/x", HOST, [], 403),
+    ("path outside prefix", B, "GET", "/private", HOST, [], 403),
+    ("query ignored for paths", B, "GET", "/public?x=/private", HOST, [], 200),
+    ("template one segment", B, "GET", "/api/v1/info", HOST, [], 200),
+    ("template not two segments", B, "GET", "/api/v1/v2/info", HOST, [], 403),
+    ("template double star", B, "GET", "/files/a/b/c.txt", HOST, [], 200),
+    ("when header matches", B, "POST", "/submit", HOST, [("x-token", "secret")], 200),
+    ("when header wrong", B, "POST", "/submit", HOST, [("x-token", "guess")], 403),
+    ("when header missing", B, "POST", "/submit", HOST, [], 403),
+    ("header name case-insensitive", B, "POST", "/submit", HOST, [("X-Token", "secret")], 200),
+    ("hosts exact", B, "GET", "/hosted", HOST, [], 200),
+    ("hosts case-insensitive", B, "GET", "/hosted", HOST.upper(), [], 200),
+    ("hosts trailing dot", B, "GET", "/hosted", HOST + ".", [], 200),
+    ("hosts other host", B, "GET", "/hosted", "evil.example", [], 403),
+    ("hosts with port needs port entry", B, "GET", "/hosted", HOST + ":80", [], 403),
+    ("principal allowed", C, "GET", "/from-c", HOST, [], 200),
+    ("principal not allowed", B, "GET", "/from-c", HOST, [], 403),
+    ("DENY wins over ALLOW", B, "GET", "/public/admin", HOST, [], 403),
+    ("DENY on header presence", B, "GET", "/public/x", HOST, [("x-evil", "1")], 403),
+    ("lowercase method is 400", B, "get", "/public/x", HOST, [], 400),
+    ("valid JWT principal", B, "GET", "/jwt", HOST, [("authorization", "Bearer " + _token())], 200),
+    ("no JWT: no request principal", B, "GET", "/jwt", HOST, [], 403),
+    ("JWT other subject", B, "GET", "/jwt", HOST, [("authorization", "Bearer " + _token(sub="bob"))], 403),
+    ("expired JWT is 401", B, "GET", "/public", HOST, [("authorization", "Bearer " + _token(expired=True))],
+     401),
+    ("JWT bad signature is 401", B, "GET", "/public", HOST,
+     [("authorization", "Bearer " + _token(OTHER_KEY))], 401),
+    ("garbage JWT is 401", B, "GET", "/public", HOST, [("authorization", "Bearer not.a.jwt")], 401),
+]
+
+
+@pytest_asyncio.fixture
+async def matrix_mesh(pki: Pki) -> AsyncIterator[Mesh]:
+    m = await start_mesh(pki, seed_with_waypoint(MATRIX_POLICIES))
+    yield m
+    await m.close()
+
+
+async def test_l7_matrix(matrix_mesh: Mesh) -> None:
+    """Every case through a real tunnel; a request the waypoint denies never reaches app-a."""
+    failures = []
+    for case, (ns, sa), method, path, host, headers, expected in MATRIX:
+        before = len(matrix_mesh.seen)
+        response = await matrix_mesh.request(method, path, ns=ns, sa=sa, host=host, headers=headers)
+        reached = len(matrix_mesh.seen) > before
+        if response.status != expected or reached != (expected == 200):
+            failures.append((case, response.status, expected, response.body[:80]))
+        if expected == 403:
+            assert response.body == b"RBAC: access denied", case
+    assert failures == []
+    bodies = {line["path"]: line for line in matrix_mesh.logs}
+    assert bodies["/public/admin"]["policy"] == "namespace-a/deny-admin"
+    assert bodies["/public/admin"]["reason"] == "explicitly denied by: namespace-a/deny-admin"
+
+
+async def test_jwt_401_body_is_envoys_text(matrix_mesh: Mesh) -> None:
+    expired = await matrix_mesh.request("GET", "/public",
+                                        headers=[("authorization", "Bearer " + _token(expired=True))])
+    assert (expired.status, expired.body) == (401, b"Jwt is expired")
+    forged = await matrix_mesh.request("GET", "/public", headers=[("authorization", "Bearer " + _token(OTHER_KEY))])
+    assert (forged.status, forged.body) == (401, b"Jwt verification fails")
+
+
+# -- security.md §1a: the bypass matrix (zero bypasses) -------------------------------------------
+
+# istio-ambient.md §6.3 TestAuthz_PathNormalization: ALLOW paths ["/public*"] methods [GET]
+NORMALIZATION_ALLOWED = ["/public", "/public/../public"]
+NORMALIZATION_DENIED = [
+    "/private", "/public/../private", "/public/./../private", "/public/.././private", "/public/%2E%2E/private",
+    "/public/%2e%2e/private", "/public/%2E/%2E%2E/private", "/public/%2e/%2e%2e/private",
+    "/public/%2E%2E/%2E/private", "/public/%2e%2e/%2e/private",
+]
+
+BYPASS_POLICIES = """
+apiVersion: zerotunnel.io/v1alpha1
+kind: MeshConfig
+spec: {pathNormalization: {normalization: DECODE_AND_MERGE_SLASHES}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: namespace-a}
+spec:
+  targetRefs: [{kind: Service, group: "", name: app-a}]
+  action: DENY
+  rules:
+    - to: [{operation: {paths: ["/admin", "/admin/*"]}}]
+    - to: [{operation: {hosts: ["internal.example", "internal.example:*"]}}]
+"""
+# Default allow + DENY /admin (the risky shape of security.md §1a): every spelling of /admin must be
+# denied or refused, never delivered.
+ADMIN_SPELLINGS = [
+    "/admin", "//admin", "///admin", "/admin/", "/admin/x", "/./admin", "/x/../admin", "/%61dmin", "/%61%64min",
+    "/%2Fadmin", "/%2fadmin", "/%5Cadmin", "/\\admin", "/admin#frag", "/admin?x=1", "/admin/./", "/x/%2E%2E/admin",
+    "/public/..%2Fadmin", "/admin%00", "//%2f/admin",
+]
+HOST_SPELLINGS = ["internal.example", "INTERNAL.example", "internal.example.", "internal.example:80",
+                  "Internal.Example.:8080"]
+
+
+async def test_path_normalization_vectors(mesh_factory: Any) -> None:
+    m = await mesh_factory("""
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: public, namespace: namespace-a}
+spec:
+  targetRefs: [{kind: Service, group: "", name: app-a}]
+  action: ALLOW
+  rules: [{to: [{operation: {methods: [GET], paths: ["/public*"]}}]}]
+""")
+    for path in NORMALIZATION_ALLOWED:
+        response = await m.request("GET", path)
+        assert response.status == 200, path
+        assert json.loads(response.body)["path"] == "/public"  # forwarded normalized, once
+    for path in NORMALIZATION_DENIED:
+        response = await m.request("GET", path)
+        assert response.status == 403, path
+    assert len(m.seen) == len(NORMALIZATION_ALLOWED)
+
+
+async def test_zero_bypasses(mesh_factory: Any) -> None:
+    m = await mesh_factory(BYPASS_POLICIES)
+    delivered = []
+    for path in ADMIN_SPELLINGS:
+        response = await m.request("GET", path)
+        if response.status == 200:
+            delivered.append((path, json.loads(response.body)["path"]))
+        else:
+            assert response.status in (400, 403), (path, response.status)
+    for host in HOST_SPELLINGS:
+        response = await m.request("GET", "/anything", host=host)
+        if response.status == 200:
+            delivered.append((host, "host"))
+    assert delivered == []
+    ok = await m.request("GET", "/administrator")  # not /admin: still allowed (no over-blocking)
+    assert ok.status == 200
+
+
+@pytest_asyncio.fixture
+async def mesh_factory(pki: Pki) -> AsyncIterator[Any]:
+    made: list[Mesh] = []
+
+    async def make(extra: str) -> Mesh:
+        m = await start_mesh(pki, seed_with_waypoint(extra))
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        await m.close()
