@@ -196,3 +196,26 @@ def test_socket_mark_nodelay_and_source_ip(env: Env) -> None:
         await env.aclose()
 
     run(main())
+
+
+def test_failed_open_retires_connection_without_killing_its_tunnels(env: Env) -> None:
+    async def main() -> None:
+        app = await env.app("echo")
+        server = await env.server()
+        pool = env.pool()
+        key = env.key(server)
+        live = await pool.connect(key, f"127.0.0.1:{app}")
+        (first,) = pool.connections(key)
+
+        def exhausted(*_a: object, **_k: object) -> int:
+            raise RuntimeError("no stream ids left")
+
+        first.h2.open_connect = exhausted  # type: ignore[method-assign]
+        await pool.connect(key, f"127.0.0.1:{app}")
+        conns = pool.connections(key)
+        assert len(conns) == 2 and first.retired and not first.closed
+        assert live.write(b"still here")
+        live.abort()
+        await env.aclose()
+
+    run(main())

@@ -69,6 +69,7 @@ class _ClientConnection(HboneConnectionProtocol):
         self.h2 = HboneClientConnection(settings=pool.settings, limits=pool.limits,
                                         max_streams=pool.max_streams)
         self.ready: asyncio.Future[None] = self._loop.create_future()
+        self.retired = False  # no new streams (e.g. stream ids exhausted); live ones finish
         self._responses: dict[int, asyncio.Future[int]] = {}
         self._idle: asyncio.TimerHandle | None = None
         self._ping: asyncio.TimerHandle | None = None
@@ -88,7 +89,9 @@ class _ClientConnection(HboneConnectionProtocol):
 
     @property
     def capacity(self) -> int:
-        return 0 if self.closed or not self.ready.done() else self.h2.capacity
+        if self.closed or self.retired or not self.ready.done():
+            return 0
+        return self.h2.capacity
 
     def open(self, authority: HboneAuthority | str, headers: list[Header] | None) -> tuple[
             HboneStream, asyncio.Future[int]]:
@@ -207,7 +210,9 @@ class HbonePool:
             try:
                 stream, response = conn.open(authority, headers)
             except Exception:
-                conn.close("connection unusable")
+                # Do not kill the tunnels it carries: stop using it, let it idle out.
+                conn.retired = True
+                conn._arm_idle()
                 continue
             status = await response
             if status != 200:
