@@ -210,7 +210,7 @@ def test_failed_open_retires_connection_without_killing_its_tunnels(env: Env) ->
         def exhausted(*_a: object, **_k: object) -> int:
             raise RuntimeError("no stream ids left")
 
-        first.h2.open_connect = exhausted  # type: ignore[method-assign]
+        first.h2.open_connect = exhausted
         await pool.connect(key, f"127.0.0.1:{app}")
         conns = pool.connections(key)
         assert len(conns) == 2 and first.retired and not first.closed
