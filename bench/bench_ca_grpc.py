@@ -40,7 +40,8 @@ def config_yaml(nodes: int) -> str:
         for p in range(PODS_PER_NODE):
             docs.append(
                 f"apiVersion: v1\nkind: Pod\nmetadata: {{name: p{n}-{p}, namespace: ns{n}}}\n"
-                f"spec: {{serviceAccountName: sa{p}, nodeName: node-{n}, containers: [{{name: a, image: x}}]}}\n"
+                f"spec: {{serviceAccountName: sa{p}, nodeName: node-{n},"
+                " containers: [{name: a, image: x}]}\n"
             )
     return "---\n".join(docs)
 

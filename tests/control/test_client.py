@@ -196,3 +196,135 @@ def test_chain_from_response_checks_the_leaf_identity() -> None:
 def test_grpc_client_needs_an_enrolled_identity(tmp_path: Path) -> None:
     with pytest.raises(InputError):
         GrpcCaClient("127.0.0.1:15012", tmp_path)
+
+
+# -- config distribution ------------------------------------------------------------------------------
+
+SECRET = """
+apiVersion: v1
+kind: Secret
+metadata: {name: gw-cert, namespace: istio-system}
+type: kubernetes.io/tls
+data: {tls.crt: dGVzdA==, tls.key: c2VjcmV0LWtleQ==}
+"""
+POLICY = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-all, namespace: shop}
+spec: {}
+"""
+
+
+async def _wait_for(predicate: object, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_snapshots_are_pushed_acked_and_updated_on_config_edits(tmp_path: Path) -> None:
+    from zerotunnel.control.client import ConfigSubscription, Snapshot
+
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "secret.yaml").write_text(SECRET)
+    plane = await _start(tmp_path)
+    applied: list[Snapshot] = []
+    stop = asyncio.Event()
+    try:
+        await _enrol(plane, tmp_path / "node")
+        client = GrpcCaClient(_addr(plane.ca_port), tmp_path / "node")
+        sub = ConfigSubscription(client, applied.append)
+        task = asyncio.create_task(sub.run(stop))
+        await _wait_for(lambda: plane.sessions.get("node-a") and plane.sessions["node-a"].acked == 1)
+        [first] = applied
+        assert first.version == "1" and first.node == "node-a"
+        assert [p.meta.name for p in first.config.pods] == ["web"]
+        assert first.config.secrets == ()  # gateway keys never reach nodes
+        assert "c2VjcmV0LWtleQ" not in "".join(text for _, text in first.documents)
+        assert first.roots_pem == plane.ca.root_bundle_pem
+        # an edit is pushed within a second or so, and acked
+        started = asyncio.get_running_loop().time()
+        (tmp_path / "config" / "policy.yaml").write_text(POLICY)
+        await _wait_for(lambda: plane.sessions["node-a"].acked == 2)
+        assert asyncio.get_running_loop().time() - started < 2.0
+        assert [p.meta.name for p in applied[-1].config.authorization_policies] == ["deny-all"]
+        # a broken edit is rejected by the control plane: nothing is pushed, the error is reported
+        (tmp_path / "config" / "policy.yaml").write_text(POLICY.replace("spec: {}", "spec: {action: MAYBE}"))
+        await _wait_for(lambda: plane.status()["config"]["error"] is not None)
+        assert "policy.yaml" in plane.status()["config"]["error"]
+        await asyncio.sleep(0.3)
+        assert plane.snapshot_version == 2 and len(applied) == 2
+        assert sub.current is applied[-1]
+        node_status = {n["name"]: n for n in plane.status()["nodes"]}["node-a"]
+        assert node_status["acked"] == 2 and node_status["streams"] == 1 and node_status["nacked"] is None
+        stop.set()
+        await task
+        await client.close()
+    finally:
+        stop.set()
+        await plane.stop(grace=0)
+
+
+async def test_a_nacked_snapshot_keeps_the_last_good_one_and_is_reported(tmp_path: Path) -> None:
+    from zerotunnel.control.client import ConfigSubscription, Snapshot
+
+    plane = await _start(tmp_path)
+    stop = asyncio.Event()
+    seen: list[Snapshot] = []
+
+    def apply(snapshot: Snapshot) -> None:
+        if snapshot.config.authorization_policies:
+            raise ValueError("this node cannot enforce that policy yet")
+        seen.append(snapshot)
+
+    try:
+        await _enrol(plane, tmp_path / "node")
+        client = GrpcCaClient(_addr(plane.ca_port), tmp_path / "node")
+        sub = ConfigSubscription(client, apply)
+        task = asyncio.create_task(sub.run(stop))
+        await _wait_for(lambda: plane.sessions.get("node-a") and plane.sessions["node-a"].acked == 1)
+        (tmp_path / "config" / "policy.yaml").write_text(POLICY)
+        await _wait_for(lambda: plane.sessions["node-a"].nacked == 2)
+        session = plane.sessions["node-a"]
+        assert session.acked == 1 and "cannot enforce" in (session.nack_error or "")
+        assert sub.current is seen[0] and sub.current.version == "1"
+        assert "snapshot version 2 rejected" in (sub.last_error or "")
+        # fixing the config produces a new version that is acked
+        (tmp_path / "config" / "policy.yaml").unlink()
+        await _wait_for(lambda: plane.sessions["node-a"].acked == 3)
+        stop.set()
+        await task
+        await client.close()
+    finally:
+        stop.set()
+        await plane.stop(grace=0)
+
+
+async def test_the_node_resyncs_after_a_control_plane_restart(tmp_path: Path) -> None:
+    from zerotunnel.control.client import ConfigSubscription, Snapshot
+
+    plane = await _start(tmp_path)
+    port = plane.ca_port
+    stop = asyncio.Event()
+    applied: list[Snapshot] = []
+    await _enrol(plane, tmp_path / "node")
+    client = GrpcCaClient(_addr(port), tmp_path / "node")
+    sub = ConfigSubscription(client, applied.append, initial_backoff=0.05)
+    task = asyncio.create_task(sub.run(stop))
+    try:
+        await _wait_for(lambda: len(applied) == 1)
+        await plane.stop(grace=0)
+        await _wait_for(lambda: not sub.connected.is_set())
+        assert sub.current is applied[0]  # the last good snapshot stays while the control plane is away
+        (tmp_path / "config" / "policy.yaml").write_text(POLICY)
+        plane = ControlPlane(tmp_path / "cp", [tmp_path / "config"], listen=_addr(port),
+                             enrol_listen="127.0.0.1:0")
+        await plane.start()
+        await _wait_for(lambda: len(applied) == 2, timeout=10)
+        assert [p.meta.name for p in applied[-1].config.authorization_policies] == ["deny-all"]
+        await _wait_for(lambda: plane.sessions["node-a"].acked == 1)
+    finally:
+        stop.set()
+        await task
+        await client.close()
+        await plane.stop(grace=0)

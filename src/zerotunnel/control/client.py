@@ -21,7 +21,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,8 +30,12 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import struct_pb2  # type: ignore[import-untyped]
+from google.rpc import status_pb2
 
+from zerotunnel.config import Config, load
 from zerotunnel.control.castore import write_files
 from zerotunnel.errors import InputError, ZerotunnelError
 from zerotunnel.identity.ca import IssuedChain
@@ -38,7 +43,7 @@ from zerotunnel.identity.csr import generate_key, make_csr, private_key_pem, sig
 from zerotunnel.identity.rotation import needs_refresh, refresh_at
 from zerotunnel.identity.spiffe import SpiffeId
 from zerotunnel.identity.verify import VerificationError, svid_identity
-from zerotunnel.proto import ca_pb2, ca_pb2_grpc, enrol_pb2, enrol_pb2_grpc
+from zerotunnel.proto import ca_pb2, ca_pb2_grpc, enrol_pb2, enrol_pb2_grpc, snapshot_pb2
 
 log = logging.getLogger("zerotunnel.control.client")
 
@@ -229,6 +234,12 @@ class GrpcCaClient:
         self._stub: ca_pb2_grpc.IstioCertificateServiceStub | None = None
         self._refresh_lock: asyncio.Lock | None = None
 
+    def channel(self) -> grpc.aio.Channel:
+        """The mTLS channel to the control plane (replaced when the node identity is renewed)."""
+        self._connect()
+        assert self._channel is not None
+        return self._channel
+
     def _connect(self) -> ca_pb2_grpc.IstioCertificateServiceStub:
         if self._stub is None:
             ident = self.identity
@@ -299,3 +310,129 @@ class GrpcCaClient:
 
     async def close(self) -> None:
         await self._reset_channel()
+
+
+SNAPSHOT_TYPE = "type.googleapis.com/zerotunnel.control.v1.NodeSnapshot"
+MAX_STREAM_BACKOFF = 30.0
+_INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A node's configuration as the control plane pushed it, already loaded (docs/control-plane.md)."""
+
+    version: str
+    node: str
+    config_version: int
+    documents: tuple[tuple[str, str], ...]
+    trust_domain: str
+    roots_pem: bytes
+    config: Config
+
+    def __repr__(self) -> str:
+        return f"Snapshot(version={self.version}, node={self.node}, documents={len(self.documents)})"
+
+
+def decode_snapshot(response: discovery_pb2.DiscoveryResponse) -> Snapshot:
+    """The snapshot in a DiscoveryResponse, loaded with the same loader as files; InputError/ConfigError
+    (→ NACK) when it is not one we can use."""
+    if response.type_url != SNAPSHOT_TYPE or len(response.resources) != 1:
+        raise InputError(f"expected one {SNAPSHOT_TYPE} resource, got {len(response.resources)} "
+                         f"of {response.type_url}")
+    message = snapshot_pb2.NodeSnapshot()
+    if not response.resources[0].Unpack(message):
+        raise InputError(f"resource is a {response.resources[0].type_url}, not a NodeSnapshot")
+    documents = tuple((d.name, d.json) for d in message.documents)
+    config = load(list(documents))
+    if config.mesh.trust_domain != message.trust_domain:
+        raise InputError(f"snapshot trust domain {message.trust_domain} does not match its MeshConfig "
+                         f"({config.mesh.trust_domain})")
+    return Snapshot(response.version_info, message.node, message.config_version, documents,
+                    message.trust_domain, message.roots_pem.encode(), config)
+
+
+class ConfigSubscription:
+    """Keeps the node's config stream open: applies each snapshot, ACKs it, or NACKs it and keeps the
+    last good one; reconnects with jittered exponential backoff when the control plane is away."""
+
+    def __init__(
+        self,
+        client: GrpcCaClient,
+        apply: Callable[[Snapshot], Awaitable[None] | None],
+        *,
+        rand: Callable[[], float] = random.random,
+        initial_backoff: float = 0.5,
+    ) -> None:
+        self._client = client
+        self._apply = apply
+        self._rand = rand
+        self._initial_backoff = initial_backoff
+        self.current: Snapshot | None = None
+        self.last_error: str | None = None
+        self.connected = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        attempt = 0
+        while not stop.is_set():
+            try:
+                if await self._stream(stop):
+                    attempt = 0
+            except grpc.aio.AioRpcError as exc:
+                self.last_error = f"{exc.code().name}: {exc.details()}"
+                log.warning("config stream: %s", self.last_error)
+            finally:
+                self.connected.clear()
+            if stop.is_set():
+                return
+            delay = min(MAX_STREAM_BACKOFF, self._initial_backoff * 2 ** min(attempt, 16))
+            delay *= 0.5 + self._rand()
+            attempt += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+
+    async def _stream(self, stop: asyncio.Event) -> bool:
+        """One stream until it ends or `stop`; True when at least one snapshot arrived on it."""
+        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self._client.channel())
+        call = stub.StreamAggregatedResources()
+        got_one = False
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await call.write(discovery_pb2.DiscoveryRequest(
+                type_url=SNAPSHOT_TYPE, node=base_pb2.Node(id=self._client.identity.node)
+            ))
+            while True:
+                reading = asyncio.ensure_future(call.read())
+                await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not reading.done():
+                    reading.cancel()
+                    return got_one
+                response = reading.result()
+                if response is grpc.aio.EOF:
+                    return got_one
+                got_one = True
+                self.connected.set()
+                await call.write(await self._handle(response))
+        finally:
+            stopping.cancel()
+            call.cancel()
+
+    async def _handle(self, response: discovery_pb2.DiscoveryResponse) -> discovery_pb2.DiscoveryRequest:
+        accepted = self.current.version if self.current else ""
+        try:
+            snapshot = decode_snapshot(response)
+            result = self._apply(snapshot)
+            if result is not None:
+                await result
+        except Exception as exc:  # any failure to take the snapshot is a NACK; the last good one stays
+            message = getattr(exc, "message", None) or str(exc)
+            self.last_error = f"snapshot version {response.version_info} rejected: {message}"
+            log.error("%s; keeping version %s", self.last_error, accepted or "none")
+            return discovery_pb2.DiscoveryRequest(
+                version_info=accepted, type_url=SNAPSHOT_TYPE, response_nonce=response.nonce,
+                error_detail=status_pb2.Status(code=_INVALID_ARGUMENT, message=message),
+            )
+        self.current, self.last_error = snapshot, None
+        log.info("snapshot version %s applied (%d documents)", snapshot.version, len(snapshot.documents))
+        return discovery_pb2.DiscoveryRequest(
+            version_info=snapshot.version, type_url=SNAPSHOT_TYPE, response_nonce=response.nonce
+        )

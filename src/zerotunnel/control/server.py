@@ -22,6 +22,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import secrets
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,11 +34,14 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from google.protobuf import json_format  # type: ignore[import-untyped]
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import any_pb2, json_format  # type: ignore[import-untyped]
 
-from zerotunnel.config import Config, ConfigError
+from zerotunnel.config import Config, ConfigError, load
+from zerotunnel.config.yamlload import parse_documents
 from zerotunnel.control import castore
-from zerotunnel.control.ca_service import CaDenied, CaService, node_identity
+from zerotunnel.control.ca_service import CaDenied, CaService, node_identity, node_name_of
+from zerotunnel.control.files import read_config_paths
 from zerotunnel.control.tokens import TokenError, TokenStore
 from zerotunnel.control.watch import FileConfigSource
 from zerotunnel.errors import InputError
@@ -47,7 +51,7 @@ from zerotunnel.identity.csr import generate_key, private_key_pem, signature_has
 from zerotunnel.identity.rotation import refresh_at
 from zerotunnel.identity.spiffe import SpiffeId
 from zerotunnel.identity.verify import VerificationError, VerifiedPeer, verify_peer
-from zerotunnel.proto import ca_pb2, ca_pb2_grpc, enrol_pb2, enrol_pb2_grpc
+from zerotunnel.proto import ca_pb2, ca_pb2_grpc, enrol_pb2, enrol_pb2_grpc, snapshot_pb2
 
 log = logging.getLogger("zerotunnel.control")
 
@@ -223,6 +227,12 @@ class ControlPlane:
         self._ca_stamp: tuple[tuple[str, int, int], ...] = ()
         self._pending_tls: dict[str, grpc.ServerCertificateConfiguration] = {}
         self._server_refresh_at = clock()
+        self._documents: tuple[snapshot_pb2.ConfigDocument, ...] = ()
+        self._snapshot_roots = b""
+        self._snapshot_config_version = 0
+        self.snapshot_version = 0
+        self._snapshot_changed = asyncio.Event()
+        self.sessions: dict[str, NodeSession] = {}
         self._started = clock()
         self.ca_port = 0
         self.enrol_port = 0
@@ -251,6 +261,7 @@ class ControlPlane:
         ca_dir = self._ca_dir or (Path(self.config.mesh.ca_dir) if self.config.mesh.ca_dir else None)
         self.ca, self.ca_source = load_or_create_ca(self.state_dir, ca_dir, td, now)
         self.service = CaService(lambda: self.ca, lambda: self.config)
+        self._rebuild_snapshot(self._source.current.version if self._source.current else 0)
         self._ca_stamp = _dir_stamp(self.ca_source)
         initial = self._renew_server_certificate(now)
         server = grpc.aio.server(
@@ -265,6 +276,7 @@ class ControlPlane:
         enrol_pb2_grpc.add_NodeEnrolmentServicer_to_server(  # type: ignore[no-untyped-call]
             _EnrolServicer(self), server
         )
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_AdsServicer(self), server)
         # Dynamic credentials: grpc asks `_fetch_tls` before every handshake, so a renewed server
         # certificate or a new root bundle (root rotation) applies to the next connection.
         try:
@@ -333,6 +345,7 @@ class ControlPlane:
         self._ca_error = None
         self.ca = fresh
         self._renew_server_certificate(now)
+        self._rebuild_snapshot(self._snapshot_config_version)
         log.info("CA reloaded from %s: %d root(s), signing cert %s, root bundle sha256 %s", self.ca_source,
                  len(fresh.roots), fresh.signing_cert.subject.rfc4514_string(),
                  fingerprint(fresh.root_bundle_pem))
@@ -375,11 +388,49 @@ class ControlPlane:
             return
         self.config = config
         self._config_error = None
+        self._rebuild_snapshot(version)
         self.write_status()
 
     def _on_config_error(self, exc: InputError) -> None:
         self._config_error = str(exc)
         self.write_status()
+
+    # -- config distribution (docs/control-plane.md) ------------------------------------------------
+
+    def _rebuild_snapshot(self, config_version: int) -> None:
+        """Recompute the documents nodes get; bump the snapshot version and wake the streams if they
+        changed. Only a configuration that loads is ever pushed: the documents are re-read and loaded
+        once more here, so an edit racing the watcher can never slip through unchecked."""
+        try:
+            documents = _node_documents(read_config_paths(self._source.paths))
+            load([(d.name, d.json) for d in documents])
+        except (InputError, ConfigError) as exc:
+            log.warning("snapshot not rebuilt (config changed while reading it): %s", exc)
+            return
+        roots = self.ca.root_bundle_pem
+        if documents == self._documents and roots == self._snapshot_roots:
+            return
+        self._documents, self._snapshot_roots = documents, roots
+        self._snapshot_config_version = config_version
+        self.snapshot_version += 1
+        changed, self._snapshot_changed = self._snapshot_changed, asyncio.Event()
+        changed.set()
+        log.info("snapshot version %d (config version %d, %d documents, %d root(s))",
+                 self.snapshot_version, config_version, len(documents), len(self.ca.roots))
+
+    def snapshot_for(self, node: str) -> snapshot_pb2.NodeSnapshot:
+        return snapshot_pb2.NodeSnapshot(
+            node=node, documents=self._documents, trust_domain=self.config.mesh.trust_domain,
+            roots_pem=self._snapshot_roots.decode(), config_version=self._snapshot_config_version,
+        )
+
+    def _node_status(self, node: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": node, "last_seen": self._counters.last_seen.get(node)}
+        session = self.sessions.get(node)
+        if session is not None:
+            out.update({"streams": session.streams, "sent": session.sent, "acked": session.acked,
+                        "nacked": session.nacked, "nack_error": session.nack_error})
+        return out
 
     # -- authentication ---------------------------------------------------------------------------
 
@@ -438,7 +489,8 @@ class ControlPlane:
                           "refused": dict(self._counters.enrol_refused),
                           "tokens_pending": sum(1 for r in records
                                                 if r.used_at is None and r.expires > self._clock())},
-            "nodes": [{"name": n, "last_seen": self._counters.last_seen.get(n)} for n in enrolled],
+            "snapshot": {"version": self.snapshot_version, "documents": len(self._documents)},
+            "nodes": [self._node_status(n) for n in sorted(set(enrolled) | set(self.sessions))],
         }
 
     def write_status(self) -> None:
@@ -540,3 +592,108 @@ class _EnrolServicer(enrol_pb2_grpc.NodeEnrolmentServicer):
             node_name=node,
             spiffe_id=str(node_identity(plane.config.mesh.trust_domain, node)),
         )
+
+
+SNAPSHOT_TYPE = "type.googleapis.com/zerotunnel.control.v1.NodeSnapshot"
+
+
+@dataclass(slots=True)
+class NodeSession:
+    """What the control plane knows of one node's config stream(s), for `status`."""
+
+    streams: int = 0
+    sent: int | None = None
+    acked: int | None = None
+    nacked: int | None = None
+    nack_error: str | None = None
+
+
+def _node_documents(files: Sequence[tuple[str, str]]) -> tuple[snapshot_pb2.ConfigDocument, ...]:
+    """Every document of every file as JSON, except Secrets: they hold gateway keys, which no node
+    needs (security.md §1e). InputError when a file does not parse."""
+    out = []
+    for name, text in files:
+        docs, failure = parse_documents(name, text)
+        if failure is not None:
+            raise InputError(f"{name}: document {failure.index}: {failure.message}")
+        for doc in docs:
+            if isinstance(doc.data, dict) and doc.data.get("kind") == "Secret":
+                continue
+            out.append(snapshot_pb2.ConfigDocument(
+                name=f"{name}#{doc.index}", json=json.dumps(doc.data, default=str, sort_keys=True)
+            ))
+    return tuple(out)
+
+
+class _AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
+    """StreamAggregatedResources, State of the World, one resource type: the node's snapshot."""
+
+    def __init__(self, plane: ControlPlane) -> None:
+        self._plane = plane
+
+    async def StreamAggregatedResources(
+        self, request_iterator: object, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        plane = self._plane
+        try:
+            caller = plane.caller_identity(context)
+        except CaDenied as exc:
+            await context.abort(_CODES[exc.code], exc.message)
+            raise
+        node = node_name_of(caller)
+        if node is None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{caller} is not a node proxy")
+            raise AssertionError("unreachable")
+        first = await context.read()
+        if first is grpc.aio.EOF:
+            return
+        if first.type_url != SNAPSHOT_TYPE:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown type_url {first.type_url!r}")
+        session = plane.sessions.setdefault(node, NodeSession())
+        session.streams += 1
+        plane.note_seen(node)
+        log.info("node %s opened its config stream", node)
+        nonces: dict[str, int] = {}
+
+        async def reader() -> None:
+            while True:
+                request = await context.read()
+                if request is grpc.aio.EOF:
+                    return
+                version = nonces.pop(request.response_nonce, None)
+                if version is None:
+                    continue  # a stale or unknown nonce: xDS says ignore it
+                if request.HasField("error_detail"):
+                    session.nacked, session.nack_error = version, request.error_detail.message
+                    log.warning("node %s NACKed snapshot version %d: %s", node, version,
+                                request.error_detail.message)
+                else:
+                    session.acked = version
+                    log.info("node %s ACKed snapshot version %d", node, version)
+
+        reading = asyncio.get_running_loop().create_task(reader())
+        last_sent: int | None = None
+        try:
+            while True:
+                version, changed = plane.snapshot_version, plane._snapshot_changed
+                if last_sent != version:  # full state on (re)connect, then on every change
+                    nonce = secrets.token_hex(8)
+                    resource = any_pb2.Any()
+                    resource.Pack(plane.snapshot_for(node))
+                    nonces[nonce] = version
+                    while len(nonces) > 16:
+                        nonces.pop(next(iter(nonces)))
+                    last_sent = session.sent = version
+                    await context.write(discovery_pb2.DiscoveryResponse(
+                        version_info=str(version), resources=[resource], type_url=SNAPSHOT_TYPE, nonce=nonce
+                    ))
+                waiter = asyncio.ensure_future(changed.wait())
+                done, _ = await asyncio.wait({reading, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                if reading in done:
+                    break
+        finally:
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
+            session.streams -= 1
+            log.info("node %s closed its config stream", node)
