@@ -72,6 +72,7 @@ READINESS_PORT = 15021
 NODE_READY_TIMEOUT = 30.0
 _MAX_EVENTS = 200
 CRASHES_AT_START = 2
+MIN_UP = 0.5
 
 
 class StartupError(ZerotunnelError):
@@ -150,8 +151,15 @@ class PodRun:
 
     @property
     def ready(self) -> bool:
-        return (self.running and (self.registered or not self.want.ambient)
-                and set(self.want.ports) <= self.listening)
+        """Node ack (ambient pods), every container running, and every declared containerPort
+        listening (like a tcpSocket probe); a pod without ports must have stayed up `MIN_UP`, so a
+        command that dies at once is not reported ready."""
+        if not self.running or (self.want.ambient and not self.registered):
+            return False
+        if self.want.ports:
+            return set(self.want.ports) <= self.listening
+        now = time.time()
+        return all(m.started_at is not None and now - m.started_at >= MIN_UP for _, m in self.procs)
 
     def to_json(self, cdir: ClusterDir) -> dict[str, Any]:
         w = self.want
@@ -464,15 +472,20 @@ class Supervisor:
             if m is None:
                 return "not started"
             return (f"command {m.state}, {m.restarts} restart(s), last exit {m.last_exit}; "
-                    f"log: {tail(m.spec.log_file, 5)!r}")
+                    "log: " + tail(m.spec.log_file, 5).replace("\n", " | "))
         if run.want.ambient and not run.registered:
             return f"not registered with node proxy: {run.error}"
         missing = sorted(set(run.want.ports) - run.listening)
         return f"not listening on port(s) {', '.join(map(str, missing))}"
 
     async def _housekeeping(self) -> None:
+        readiness: tuple[bool, ...] = ()
         while not self.stop_event.is_set():
             await self._probe_once()
+            now_ready = tuple(r.ready for r in self.pods.values())
+            if now_ready != readiness:
+                readiness = now_ready
+                self.changed()
             for name, m in self.nodes.items():
                 if not m.running and self.node_ready.get(name):
                     self.node_ready[name] = False

@@ -1,0 +1,163 @@
+"""What the local cluster runs, decided from the config alone (no root needed)."""
+
+from __future__ import annotations
+
+from zerotunnel.cluster.desired import (
+    DEFAULT_NODE,
+    IDLE_COMMAND,
+    addresses_document,
+    container_argv,
+    container_env,
+    desired_state,
+    loopback_ips,
+    pod_specs,
+    service_endpoints,
+)
+from zerotunnel.cluster.topology import plan_network
+from zerotunnel.config import Config, load
+from zerotunnel.config.model import Container, EnvVar
+
+MESH = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec:
+  serviceAccountName: web-sa
+  nodeName: n1
+  containers:
+    - name: c
+      command: ["demo", "--port", "8080"]
+      ports: [{name: http, containerPort: 8080}, {containerPort: 53, protocol: UDP}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: free, namespace: shop, labels: {app: web}}
+spec:
+  containers:
+    - name: c
+      args: ["echo", "hi"]
+      ports: [{name: http, containerPort: 9090}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: old, namespace: legacy, labels: {istio.io/dataplane-mode: none}}
+spec:
+  containers: [{name: c}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hostnet, namespace: shop}
+spec:
+  hostNetwork: true
+  containers: [{name: c, command: ["true"]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http}, {name: raw, port: 81, targetPort: 7000}]
+"""
+
+
+def _config(text: str = MESH) -> Config:
+    return load([("mesh.yaml", text)])
+
+
+def test_nodes_pods_and_mesh_membership() -> None:
+    d = desired_state(_config())
+    assert d.nodes == ("n1", "n2")
+    by = {p.uid: p for p in d.pods}
+    assert set(by) == {"shop/web", "shop/free", "legacy/old"}
+    assert by["shop/web"].node == "n1" and by["shop/web"].ambient
+    assert by["shop/web"].identity == "spiffe://cluster.local/ns/shop/sa/web-sa"
+    assert by["shop/web"].ports == (8080,)  # UDP ports are not probed
+    assert not by["legacy/old"].ambient
+    # unscheduled pods go to the least loaded node: n2 is empty, then n1 and n2 tie -> n1
+    assert by["shop/free"].node == "n2"
+    assert by["legacy/old"].node == "n1"
+    assert d.skipped == ("shop/hostnet: hostNetwork pods are not run by the local cluster",)
+    assert d.pod("shop/web") is by["shop/web"] and d.pod("nope/x") is None
+
+
+def test_without_proxies_no_pod_is_ambient() -> None:
+    assert not any(p.ambient for p in desired_state(_config(), mesh=False).pods)
+
+
+def test_placement_is_kept_across_reloads() -> None:
+    first = desired_state(_config())
+    extra = MESH + """
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: aaa, namespace: legacy}
+spec:
+  containers: [{name: c}]
+"""
+    again = desired_state(_config(extra), previous=first)
+    before = {p.uid: p.node for p in first.pods}
+    after = {p.uid: p.node for p in again.pods}
+    assert all(after[u] == n for u, n in before.items())
+
+
+def test_one_default_node_when_none_is_named() -> None:
+    cfg = _config("""
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: default}
+spec:
+  containers: [{name: c, command: ["true"]}]
+""")
+    d = desired_state(cfg)
+    assert d.nodes == (DEFAULT_NODE,) and d.pods[0].node == DEFAULT_NODE
+
+
+def test_container_argv_follows_kubernetes() -> None:
+    assert container_argv(Container("c", command=("a",), args=("b", "c"))) == ("a", "b", "c")
+    assert container_argv(Container("c", args=("echo", "x"))) == ("echo", "x")
+    assert container_argv(Container("c")) == IDLE_COMMAND
+
+
+def test_container_env() -> None:
+    pod = desired_state(_config()).pod("shop/web")
+    assert pod is not None
+    env = container_env({"PATH": "/bin", "SECRET_TOKEN": "x", "LANG": "C.UTF-8"}, pod, "10.0.0.2",
+                        (EnvVar("A", "1"), EnvVar("FROM_REF", None), EnvVar("HOSTNAME", "custom")))
+    assert env["PATH"] == "/bin" and env["LANG"] == "C.UTF-8" and "SECRET_TOKEN" not in env
+    assert env["POD_IP"] == "10.0.0.2" and env["POD_NAMESPACE"] == "shop" and env["NODE_NAME"] == "n1"
+    assert env["A"] == "1" and "FROM_REF" not in env
+    assert env["HOSTNAME"] == "custom"  # the container's env wins over the defaults
+
+
+def test_addresses_and_service_endpoints() -> None:
+    cfg = _config()
+    d = desired_state(cfg)
+    plan = plan_network("t", d.nodes, pod_specs(d, cfg), d.services)
+    doc = addresses_document(plan)
+    assert set(doc["pod_ips"]) == {"shop/web", "shop/free", "legacy/old"}
+    assert doc["service_vips"] == {"shop/web": str(plan.service("shop", "web").vip)}
+    eps = service_endpoints(cfg, plan)[("shop", "web")]
+    vip = str(plan.service("shop", "web").vip)
+    web_ip, free_ip = str(plan.pod("shop", "web").ip), str(plan.pod("shop", "free").ip)
+    http = next(e for e in eps if e[1] == 80)
+    assert http[0] == vip and sorted(http[2]) == sorted([(web_ip, 8080), (free_ip, 9090)])
+    raw = next(e for e in eps if e[1] == 81)
+    assert sorted(raw[2]) == sorted([(web_ip, 7000), (free_ip, 7000)])
+
+
+def test_loopback_ips_are_distinct_and_not_the_host() -> None:
+    ips = loopback_ips(desired_state(_config()))
+    assert len(set(ips.values())) == 3 and "127.0.0.1" not in ips.values()
+    assert all(ip.startswith("127.0.0.") for ip in ips.values())
