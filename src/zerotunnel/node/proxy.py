@@ -361,12 +361,7 @@ class PodProxy:
             self.node.access_log.complete(record)
             relay.fail(exc.message)
             return
-        labels = self._labels("source", record, "-", "mutual_tls")
-        self.node.metrics.connection_opened(labels)
-        record.established = True
-        self.outbound.add(relay)
-        relay._on_done = lambda r: self._outbound_finished(r, record, labels)
-        relay.attach(stream)
+        self._outbound_established(relay, record, stream, "mutual_tls")
 
     async def _passthrough(
         self, relay: TcpRelay, record: ConnectionRecord, route: PassthroughRoute, state: MeshState
@@ -380,12 +375,18 @@ class PodProxy:
             self.node.access_log.complete(record)
             relay.fail(record.error)
             return
-        labels = self._labels("source", record, "-", "unknown")
+        self._outbound_established(relay, record, cast(HboneStream, upstream), "unknown")
+
+    def _outbound_established(
+        self, relay: TcpRelay, record: ConnectionRecord, stream: HboneStream, security: str
+    ) -> None:
+        """Count the connection and join the app to its stream (HBONE, or plain TCP passthrough)."""
+        labels = self._labels("source", record, "-", security)
         self.node.metrics.connection_opened(labels)
         record.established = True
         self.outbound.add(relay)
         relay._on_done = lambda r: self._outbound_finished(r, record, labels)
-        relay.attach(cast(HboneStream, upstream))
+        relay.attach(stream)
 
     def _outbound_finished(self, relay: TcpRelay, record: ConnectionRecord, labels: TrafficLabels) -> None:
         self.outbound.discard(relay)
