@@ -515,3 +515,27 @@ spec: {mtls: {mode: STRICT}}
     while mesh.curl("default", "legacy", target).returncode != 0:
         assert time.monotonic() < deadline, "PERMISSIVE did not come back"
         time.sleep(0.2)
+
+
+def test_pod_leaves_and_rejoins(mesh: Mesh) -> None:
+    """A removed pod's listeners close (its HBONE port refuses); re-adding it serves it again."""
+    sock = mesh.ca_dir.parent / "node-1.sock"
+    pod = mesh.plan.pod("namespace-a", "app-d")
+    d_ip = str(pod.ip)
+    listed = _podapi(sock, {"op": "list"})
+    assert "namespace-a/app-d" in {p["uid"] for p in listed["pods"]}  # type: ignore[union-attr]
+    assert _podapi(sock, {"op": "del", "uid": "namespace-a/app-d"}) == {"ok": True, "removed": True}
+    probe = mesh.run_in(
+        "default",
+        "legacy",
+        sys.executable,
+        "-c",
+        f"import socket; socket.create_connection(('{d_ip}', 15008), timeout=3)",
+    )
+    assert probe.returncode != 0 and "refused" in probe.stderr.lower()
+    reply = _podapi(
+        sock, {"op": "add", "uid": "namespace-a/app-d", "netns": f"/run/netns/{pod.netns}", "ip": d_ip}
+    )
+    assert reply == {"ok": True}
+    assert mesh.curl("namespace-b", "app-b", f"http://{d_ip}:8080/back").returncode == 0
+    assert _podapi(sock, {"op": "bogus"})["ok"] is False
