@@ -8,4 +8,5 @@ test:
 lint: setup
 	.venv/bin/ruff check src tests bench && .venv/bin/mypy
 bench: setup
-	.venv/bin/python -m bench
+	scripts/bench-deps.sh
+	.venv/bin/python -m bench $(BENCH_ARGS)
