@@ -69,7 +69,8 @@ def seed_with_waypoint(extra: str = "") -> Config:
     """The seed mesh, namespace-a bound to its waypoint, plus `extra` documents."""
     text = SEED.read_text().replace(
         "  name: namespace-a\n  labels:\n    istio.io/dataplane-mode: ambient\n",
-        "  name: namespace-a\n  labels:\n    istio.io/dataplane-mode: ambient\n    istio.io/use-waypoint: waypoint\n",
+        "  name: namespace-a\n  labels:\n    istio.io/dataplane-mode: ambient\n"
+        "    istio.io/use-waypoint: waypoint\n",
     )
     assert "use-waypoint" in text
     return load([("mesh.yaml", text), ("waypoint.yaml", WAYPOINT_YAML), ("extra.yaml", extra)])
@@ -94,7 +95,7 @@ def pki() -> Pki:
 
 
 def _subnet() -> str:
-    return f"127.{random.randint(100, 250)}.{random.randint(1, 250)}"  # noqa: S311 - not crypto
+    return f"127.{random.randint(100, 250)}.{random.randint(1, 250)}"
 
 
 ALLOW = Decision(True, None, None, "allowed", 200)
@@ -125,16 +126,25 @@ class Mesh:
             self.pools[key] = HbonePool(lambda _i: creds, mark=False)
         return self.pools[key]
 
-    async def open(self, ns: str = "namespace-b", sa: str = "service-account-b",
-                   authority: str = f"{VIP}:80") -> StreamChannel:
+    async def open(
+        self, ns: str = "namespace-b", sa: str = "service-account-b", authority: str = f"{VIP}:80"
+    ) -> StreamChannel:
         """An HBONE tunnel from `ns/sa` to the waypoint, as a source node proxy opens it."""
         pool = self.pool(ns, sa)
         key = PoolKey(SpiffeId.istio(TD, ns, sa), frozenset({self.waypoint.identity}), self.waypoint.address)
         return StreamChannel(await pool.connect(key, authority))
 
-    async def request(self, method: str = "GET", path: str = "/data", *, ns: str = "namespace-b",
-                      sa: str = "service-account-b", host: str = "app-a.namespace-a.svc.cluster.local",
-                      headers: list[tuple[str, str]] | None = None, body: bytes = b"") -> HttpResponse:
+    async def request(
+        self,
+        method: str = "GET",
+        path: str = "/data",
+        *,
+        ns: str = "namespace-b",
+        sa: str = "service-account-b",
+        host: str = "app-a.namespace-a.svc.cluster.local",
+        headers: list[tuple[str, str]] | None = None,
+        body: bytes = b"",
+    ) -> HttpResponse:
         channel = await self.open(ns, sa)
         try:
             return await exchange(channel, method, path, host, headers or [], body, timeout=10)
@@ -157,8 +167,12 @@ async def start_mesh(pki: Pki, config: Config, *, jwks: dict[str, str] | None = 
     net = _subnet()
     app_ip, wp_ip = f"{net}.2", f"{net}.3"
     addresses = Addresses(
-        pod_ips={"namespace-a/app-a": app_ip, "namespace-b/app-b": f"{net}.4",
-                 "namespace-c/app-c": f"{net}.5", "namespace-a/waypoint-0": wp_ip},
+        pod_ips={
+            "namespace-a/app-a": app_ip,
+            "namespace-b/app-b": f"{net}.4",
+            "namespace-c/app-c": f"{net}.5",
+            "namespace-a/waypoint-0": wp_ip,
+        },
         service_vips={"namespace-a/app-a": VIP},
     )
     app = await start_demo_app(app_ip, 8080, "app-a")
@@ -170,17 +184,25 @@ async def start_mesh(pki: Pki, config: Config, *, jwks: dict[str, str] | None = 
 
     dest_creds = pki.creds("namespace-a", "service-account-a")
     destination = HboneServer(
-        dest_creds, authorize=authorize,
-        local_workload=lambda ip: LocalWorkload("app-a", "namespace-a", dest_creds.identity) if ip == app_ip
-        else None,
+        dest_creds,
+        authorize=authorize,
+        local_workload=lambda ip: (
+            LocalWorkload("app-a", "namespace-a", dest_creds.identity) if ip == app_ip else None
+        ),
     )
     await destination.start(app_ip, 15008)
     ref = WaypointRef("namespace-a", "waypoint")
     ident = waypoint_identity(config, ref)
     wp_creds = pki.creds(ident.path.split("/")[2], ident.path.split("/")[4])
     lines: list[str] = []
-    waypoint = Waypoint(ref, wp_creds, telemetry=RequestTelemetry("waypoint", sink=lines.append),
-                        access_log=AccessLog(lambda _line: None), jwks_by_uri=jwks, mark=False)
+    waypoint = Waypoint(
+        ref,
+        wp_creds,
+        telemetry=RequestTelemetry("waypoint", sink=lines.append),
+        access_log=AccessLog(lambda _line: None),
+        jwks_by_uri=jwks,
+        mark=False,
+    )
     waypoint.pool.mark = False
     waypoint.apply(config, addresses, 1)
     await waypoint.start(wp_ip, 15008)

@@ -130,10 +130,24 @@ MATRIX: list[tuple[str, tuple[str, str], str, str, str, list[tuple[str, str]], i
     ("valid JWT principal", B, "GET", "/jwt", HOST, [("authorization", "Bearer " + _token())], 200),
     ("no JWT: no request principal", B, "GET", "/jwt", HOST, [], 403),
     ("JWT other subject", B, "GET", "/jwt", HOST, [("authorization", "Bearer " + _token(sub="bob"))], 403),
-    ("expired JWT is 401", B, "GET", "/public", HOST, [("authorization", "Bearer " + _token(expired=True))],
-     401),
-    ("JWT bad signature is 401", B, "GET", "/public", HOST,
-     [("authorization", "Bearer " + _token(OTHER_KEY))], 401),
+    (
+        "expired JWT is 401",
+        B,
+        "GET",
+        "/public",
+        HOST,
+        [("authorization", "Bearer " + _token(expired=True))],
+        401,
+    ),
+    (
+        "JWT bad signature is 401",
+        B,
+        "GET",
+        "/public",
+        HOST,
+        [("authorization", "Bearer " + _token(OTHER_KEY))],
+        401,
+    ),
     ("garbage JWT is 401", B, "GET", "/public", HOST, [("authorization", "Bearer not.a.jwt")], 401),
 ]
 
@@ -163,10 +177,13 @@ async def test_l7_matrix(matrix_mesh: Mesh) -> None:
 
 
 async def test_jwt_401_body_is_envoys_text(matrix_mesh: Mesh) -> None:
-    expired = await matrix_mesh.request("GET", "/public",
-                                        headers=[("authorization", "Bearer " + _token(expired=True))])
+    expired = await matrix_mesh.request(
+        "GET", "/public", headers=[("authorization", "Bearer " + _token(expired=True))]
+    )
     assert (expired.status, expired.body) == (401, b"Jwt is expired")
-    forged = await matrix_mesh.request("GET", "/public", headers=[("authorization", "Bearer " + _token(OTHER_KEY))])
+    forged = await matrix_mesh.request(
+        "GET", "/public", headers=[("authorization", "Bearer " + _token(OTHER_KEY))]
+    )
     assert (forged.status, forged.body) == (401, b"Jwt verification fails")
 
 
@@ -175,9 +192,16 @@ async def test_jwt_401_body_is_envoys_text(matrix_mesh: Mesh) -> None:
 # istio-ambient.md §6.3 TestAuthz_PathNormalization: ALLOW paths ["/public*"] methods [GET]
 NORMALIZATION_ALLOWED = ["/public", "/public/../public"]
 NORMALIZATION_DENIED = [
-    "/private", "/public/../private", "/public/./../private", "/public/.././private", "/public/%2E%2E/private",
-    "/public/%2e%2e/private", "/public/%2E/%2E%2E/private", "/public/%2e/%2e%2e/private",
-    "/public/%2E%2E/%2E/private", "/public/%2e%2e/%2e/private",
+    "/private",
+    "/public/../private",
+    "/public/./../private",
+    "/public/.././private",
+    "/public/%2E%2E/private",
+    "/public/%2e%2e/private",
+    "/public/%2E/%2E%2E/private",
+    "/public/%2e/%2e%2e/private",
+    "/public/%2E%2E/%2E/private",
+    "/public/%2e%2e/%2e/private",
 ]
 
 BYPASS_POLICIES = """
@@ -198,12 +222,34 @@ spec:
 # Default allow + DENY /admin (the risky shape of security.md §1a): every spelling of /admin must be
 # denied or refused, never delivered.
 ADMIN_SPELLINGS = [
-    "/admin", "//admin", "///admin", "/admin/", "/admin/x", "/./admin", "/x/../admin", "/%61dmin", "/%61%64min",
-    "/%2Fadmin", "/%2fadmin", "/%5Cadmin", "/\\admin", "/admin#frag", "/admin?x=1", "/admin/./", "/x/%2E%2E/admin",
-    "/public/..%2Fadmin", "/admin%00", "//%2f/admin",
+    "/admin",
+    "//admin",
+    "///admin",
+    "/admin/",
+    "/admin/x",
+    "/./admin",
+    "/x/../admin",
+    "/%61dmin",
+    "/%61%64min",
+    "/%2Fadmin",
+    "/%2fadmin",
+    "/%5Cadmin",
+    "/\\admin",
+    "/admin#frag",
+    "/admin?x=1",
+    "/admin/./",
+    "/x/%2E%2E/admin",
+    "/public/..%2Fadmin",
+    "/admin%00",
+    "//%2f/admin",
 ]
-HOST_SPELLINGS = ["internal.example", "INTERNAL.example", "internal.example.", "internal.example:80",
-                  "Internal.Example.:8080"]
+HOST_SPELLINGS = [
+    "internal.example",
+    "INTERNAL.example",
+    "internal.example.",
+    "internal.example:80",
+    "Internal.Example.:8080",
+]
 
 
 async def test_path_normalization_vectors(mesh_factory: Any) -> None:

@@ -74,8 +74,12 @@ class MeshForwarder:
                 dst=(route.next_hop_ip, route.next_hop_port),
             )
             extra = build_request_headers(
-                baggage=Baggage(cluster=self.cluster, namespace=source.namespace, workload_type="deployment",
-                                workload_name=source.name),
+                baggage=Baggage(
+                    cluster=self.cluster,
+                    namespace=source.namespace,
+                    workload_type="deployment",
+                    workload_name=source.name,
+                ),
                 trace_id=secrets.token_bytes(16),
                 parent_id=secrets.token_bytes(8),
             )
@@ -83,8 +87,9 @@ class MeshForwarder:
                 stream = await self.pool.connect(key, route.authority, extra)
             except HboneConnectError as exc:
                 record.response_flags = "UF"
-                return text_response(503, f"{UPSTREAM_FAILURE}connection failure, transport failure reason: "
-                                          f"{exc.message}\n")
+                return text_response(
+                    503, f"{UPSTREAM_FAILURE}connection failure, transport failure reason: {exc.message}\n"
+                )
             channel = StreamChannel(stream)
         else:
             record.upstream_host = f"{route.ip}:{route.port}"
@@ -92,11 +97,13 @@ class MeshForwarder:
                 channel = await TcpChannel.open(route.ip, route.port)
             except (OSError, TimeoutError) as exc:
                 record.response_flags = "UF"
-                return text_response(503, f"{UPSTREAM_FAILURE}connection failure, transport failure reason: "
-                                          f"{exc}\n")
+                return text_response(
+                    503, f"{UPSTREAM_FAILURE}connection failure, transport failure reason: {exc}\n"
+                )
         try:
-            response = await exchange(channel, request.method, target, request.host, headers, request.body,
-                                      timeout=self.timeout)
+            response = await exchange(
+                channel, request.method, target, request.host, headers, request.body, timeout=self.timeout
+            )
         except HttpError as exc:
             record.response_flags = "UMSDR"
             channel.abort(exc.message)

@@ -30,12 +30,24 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 UPSTREAM_TIMEOUT = 30.0
 
 HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
-     "http2-settings", "host", "content-length"}
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "http2-settings",
+        "host",
+        "content-length",
+    }
 )
 """RFC 9110 §7.6.1 hop-by-hop headers, plus the framing headers the proxy recomputes itself."""
 IDENTITY_HEADERS = frozenset({"x-forwarded-client-cert", "x-spiffe-id", "x-client-cert", "ssl-client-cert"})
 INTERNAL_PREFIXES = ("x-envoy-", "x-istio-", "x-zerotunnel-")
+PROXY_SET = frozenset({"x-forwarded-proto", "x-forwarded-for", "x-request-id"})
+"""Headers the proxy writes itself (`forwarding_headers`); the client's copies are dropped first."""
 
 Headers = list[tuple[str, str]]
 
@@ -95,8 +107,15 @@ def is_untrusted(name: str) -> bool:
 def sanitize_request_headers(headers: Sequence[tuple[str, str]]) -> Headers:
     """Drop hop-by-hop, identity and internal headers (security.md §1b: strip, then set)."""
     named = connection_tokens(headers)
-    return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k not in named and not is_untrusted(k)
-            and not k.startswith(":")]
+    return [
+        (k, v)
+        for k, v in headers
+        if k not in HOP_BY_HOP
+        and k not in named
+        and not is_untrusted(k)
+        and k not in PROXY_SET
+        and not k.startswith(":")
+    ]
 
 
 def forwarding_headers(request: HttpRequest, peer_ip: str | None, *, proto: str) -> Headers:
@@ -233,8 +252,16 @@ def _s(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
     return [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in headers]
 
 
-async def exchange(channel: ByteChannel, method: str, target: str, host: str, headers: Headers, body: bytes,
-                   *, timeout: float = UPSTREAM_TIMEOUT) -> HttpResponse:
+async def exchange(
+    channel: ByteChannel,
+    method: str,
+    target: str,
+    host: str,
+    headers: Headers,
+    body: bytes,
+    *,
+    timeout: float = UPSTREAM_TIMEOUT,
+) -> HttpResponse:
     """Send one HTTP/1.1 request over `channel` and read the whole response (bounded).
 
     Every request gets its own channel (one HBONE stream on a pooled connection, §1.5), so the
@@ -242,8 +269,9 @@ async def exchange(channel: ByteChannel, method: str, target: str, host: str, he
     return await asyncio.wait_for(_exchange(channel, method, target, host, headers, body), timeout)
 
 
-async def _exchange(channel: ByteChannel, method: str, target: str, host: str, headers: Headers,
-                    body: bytes) -> HttpResponse:
+async def _exchange(
+    channel: ByteChannel, method: str, target: str, host: str, headers: Headers, body: bytes
+) -> HttpResponse:
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
     out = [("host", host), *headers]
     if body or method in ("POST", "PUT", "PATCH"):

@@ -78,9 +78,12 @@ def waypoint_identity(config: Config, ref: WaypointRef) -> SpiffeId:
     `gateway.networking.k8s.io/gateway-name: <name>` in the Gateway's namespace); Istio's default
     waypoint deployment uses a service account named after the Gateway when there is no such pod."""
     pod = next(
-        (p for p in config.pods
-         if p.meta.namespace == ref.namespace
-         and p.meta.labels.get("gateway.networking.k8s.io/gateway-name") == ref.name),
+        (
+            p
+            for p in config.pods
+            if p.meta.namespace == ref.namespace
+            and p.meta.labels.get("gateway.networking.k8s.io/gateway-name") == ref.name
+        ),
         None,
     )
     sa = pod.service_account if pod is not None else ref.name
@@ -200,8 +203,12 @@ class Waypoint:
     # -- tunnels ----------------------------------------------------------------------------------
 
     def _local_workload(self, _landed_ip: str) -> LocalWorkload | None:
-        return LocalWorkload(name=self.ref.name, namespace=self.ref.namespace, identity=self.identity,
-                             workload_type="deployment")
+        return LocalWorkload(
+            name=self.ref.name,
+            namespace=self.ref.namespace,
+            identity=self.identity,
+            workload_type="deployment",
+        )
 
     def binding(self, ip: str) -> Binding | None:
         """§2.4/§6.1: the service or workload at `ip` when this waypoint serves it, else None."""
@@ -219,8 +226,9 @@ class Waypoint:
     async def _connect(self, request: InboundRequest, _factory: Callable[[], TcpRelay]) -> TcpRelay:
         binding = self.binding(request.target[0])
         if binding is None:
-            raise InboundRejected(f"{request.authority} is not served by waypoint {self.ref}", status=503,
-                                  response_flag="NR")
+            raise InboundRejected(
+                f"{request.authority} is not served by waypoint {self.ref}", status=503, response_flag="NR"
+            )
         return cast(TcpRelay, _Tunnel(self, request, binding))
 
     # -- requests ---------------------------------------------------------------------------------
@@ -229,18 +237,29 @@ class Waypoint:
         uid = state.waypoints.get(self.ref)
         if uid is not None:
             return state.workloads[uid]
-        return Workload(uid=f"{self.ref.namespace}/waypoint/{self.ref.name}", name=self.ref.name,
-                        namespace=self.ref.namespace, service_account=self.identity.path.rsplit("/", 1)[-1],
-                        identity=str(self.identity), ip=None, node=None, is_waypoint_of=self.ref)
+        return Workload(
+            uid=f"{self.ref.namespace}/waypoint/{self.ref.name}",
+            name=self.ref.name,
+            namespace=self.ref.namespace,
+            service_account=self.identity.path.rsplit("/", 1)[-1],
+            identity=str(self.identity),
+            ip=None,
+            node=None,
+            is_waypoint_of=self.ref,
+        )
 
     async def handle(self, tunnel: InboundRequest, binding: Binding, request: HttpRequest) -> HttpResponse:
         started = time.monotonic()
         snapshot = self.snapshot
         assert snapshot is not None
         record = RequestRecord(
-            method=request.method, path=request.target, authority=request.host,
-            protocol=f"HTTP/{request.http_version}", src_addr=f"{tunnel.src_addr[0]}:{tunnel.src_addr[1]}",
-            src_identity=str(tunnel.source_identity), bytes_received=len(request.body),
+            method=request.method,
+            path=request.target,
+            authority=request.host,
+            protocol=f"HTTP/{request.http_version}",
+            src_addr=f"{tunnel.src_addr[0]}:{tunnel.src_addr[1]}",
+            src_identity=str(tunnel.source_identity),
+            bytes_received=len(request.body),
         )
         src_ns, src_sa = _ns_sa(tunnel.source_identity)
         record.src_namespace, record.src_workload = src_ns, src_sa
@@ -256,16 +275,30 @@ class Waypoint:
         self.telemetry.record(record)
         return response
 
-    async def _decide_and_forward(self, snapshot: WaypointSnapshot, tunnel: InboundRequest, binding: Binding,
-                                  request: HttpRequest, record: RequestRecord) -> HttpResponse:
+    async def _decide_and_forward(
+        self,
+        snapshot: WaypointSnapshot,
+        tunnel: InboundRequest,
+        binding: Binding,
+        request: HttpRequest,
+        record: RequestRecord,
+    ) -> HttpResponse:
         service = binding.service
         l7 = L7Request(
-            method=request.method, path=request.target, host=request.host, port=tunnel.target[1],
-            headers=tuple(request.headers), source_identity=str(tunnel.source_identity),
-            source_ip=tunnel.src_addr[0], destination_ip=tunnel.target[0],
+            method=request.method,
+            path=request.target,
+            host=request.host,
+            port=tunnel.target[1],
+            headers=tuple(request.headers),
+            source_identity=str(tunnel.source_identity),
+            source_ip=tunnel.src_addr[0],
+            destination_ip=tunnel.target[0],
         )
         decision = snapshot.engine.check_l7(
-            self.ref.namespace, self.ref.name, l7, now=self.clock(),
+            self.ref.namespace,
+            self.ref.name,
+            l7,
+            now=self.clock(),
             service=(service.namespace, service.name) if service is not None else None,
             jwks_by_uri=self.jwks_by_uri,
         )
@@ -280,8 +313,15 @@ class Waypoint:
         target = normalized.path + (f"?{normalized.query}" if normalized.query else "")
         headers = sanitize_request_headers(request.headers)
         headers += forwarding_headers(request, tunnel.src_addr[0], proto="http")
-        response = await self.forwarder.forward(snapshot.state, self._self_workload(snapshot.state),
-                                                tunnel.target, request, target, headers, record)
+        response = await self.forwarder.forward(
+            snapshot.state,
+            self._self_workload(snapshot.state),
+            tunnel.target,
+            request,
+            target,
+            headers,
+            record,
+        )
         response.headers = sanitize_response_headers(response.headers)
         if record.response_flags == "-":
             record.response_code_details = "via_upstream"

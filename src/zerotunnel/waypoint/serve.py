@@ -95,9 +95,15 @@ async def _h1_next(conn: h11.Connection, channel: ByteChannel, scheme: str) -> H
         if event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
             return None
         if isinstance(event, h11.Request):
-            request = HttpRequest(event.method.decode("ascii", "replace"),
-                                  event.target.decode("latin-1"), _s(list(event.headers)),
-                                  http_version=event.http_version.decode(), scheme=scheme)
+            request = HttpRequest(
+                event.method.decode("ascii", "replace"),
+                event.target.decode("latin-1"),
+                _s(list(event.headers)),
+                http_version=event.http_version.decode(),
+                scheme=scheme,
+            )
+            if sum(len(k) + len(v) + 4 for k, v in request.headers) > MAX_HEADER_BYTES:
+                raise HttpError("request header fields too large", status=431)
             refusal = _upgrade_refusal(request)
             if refusal is not None:
                 raise HttpError(refusal.body.decode().strip(), status=refusal.status)
@@ -123,8 +129,10 @@ def _h1_response_events(
     if close:
         headers.append(("connection", "close"))
     events: list[h11.Response | h11.Data | h11.EndOfMessage] = [
-        h11.Response(status_code=response.status,
-                     headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers])
+        h11.Response(
+            status_code=response.status,
+            headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+        )
     ]
     if response.body and not no_body:
         events.append(h11.Data(data=response.body))
@@ -132,8 +140,14 @@ def _h1_response_events(
     return events
 
 
-async def _send_h1(conn: h11.Connection, channel: ByteChannel, request: HttpRequest | None,
-                   response: HttpResponse, *, close: bool = False) -> None:
+async def _send_h1(
+    conn: h11.Connection,
+    channel: ByteChannel,
+    request: HttpRequest | None,
+    response: HttpResponse,
+    *,
+    close: bool = False,
+) -> None:
     if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
         return
     wire = b"".join(conn.send(ev) or b"" for ev in _h1_response_events(request, response, close))
@@ -153,8 +167,9 @@ async def _serve_h1(channel: ByteChannel, handler: Handler, first: bytes, scheme
                 await _send_h1(conn, channel, None, text_response(status, text + "\n"), close=True)
                 return
             except HttpError as exc:
-                await _send_h1(conn, channel, None, text_response(exc.status or 400, exc.message + "\n"),
-                               close=True)
+                await _send_h1(
+                    conn, channel, None, text_response(exc.status or 400, exc.message + "\n"), close=True
+                )
                 return
             except _TooLarge:
                 await _send_h1(conn, channel, None, text_response(413, "payload too large\n"), close=True)
@@ -237,8 +252,12 @@ class _H2Session:
             if ":authority" in pseudo and not any(k == "host" for k, _ in regular):
                 regular.insert(0, ("host", pseudo[":authority"]))
             self.requests[event.stream_id] = HttpRequest(
-                pseudo.get(":method", ""), pseudo.get(":path", ""), regular, http_version="2",
-                scheme=self.scheme)
+                pseudo.get(":method", ""),
+                pseudo.get(":path", ""),
+                regular,
+                http_version="2",
+                scheme=self.scheme,
+            )
             self.sizes[event.stream_id] = 0
         elif isinstance(event, h2.events.DataReceived):
             sid = event.stream_id
@@ -282,8 +301,9 @@ class _H2Session:
             headers.append(("content-length", str(len(response.body))))
         body = b"" if no_body else response.body
         try:
-            self.conn.send_headers(sid, [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
-                                   end_stream=not body)
+            self.conn.send_headers(
+                sid, [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers], end_stream=not body
+            )
             await self.flush()
             view = memoryview(body)
             while view:

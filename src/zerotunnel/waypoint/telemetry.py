@@ -34,8 +34,27 @@ REQUEST_LABELS = (
     "response_flags",
     "connection_security_policy",
 )
-DURATION_BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000,
-                    600000, 1800000, 3600000)
+DURATION_BUCKETS = (
+    0.5,
+    1,
+    5,
+    10,
+    25,
+    50,
+    100,
+    250,
+    500,
+    1000,
+    2500,
+    5000,
+    10000,
+    30000,
+    60000,
+    300000,
+    600000,
+    1800000,
+    3600000,
+)
 """Istio's default buckets for `istio_request_duration_milliseconds`."""
 
 
@@ -70,17 +89,29 @@ class RequestRecord:
 class RequestTelemetry:
     """Counters, histogram and access log of one proxy process."""
 
-    def __init__(self, reporter: str, *, sink: Callable[[str], None] | None = None,
-                 registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        reporter: str,
+        *,
+        sink: Callable[[str], None] | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self.reporter = reporter
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self.requests = Counter("istio_requests_total", "Requests", REQUEST_LABELS, registry=self.registry)
-        self.duration = Histogram("istio_request_duration_milliseconds", "Request duration in ms",
-                                  REQUEST_LABELS, buckets=DURATION_BUCKETS, registry=self.registry)
-        self.request_bytes = Counter("istio_request_bytes", "Request body bytes", REQUEST_LABELS,
-                                     registry=self.registry)
-        self.response_bytes = Counter("istio_response_bytes", "Response body bytes", REQUEST_LABELS,
-                                      registry=self.registry)
+        self.duration = Histogram(
+            "istio_request_duration_milliseconds",
+            "Request duration in ms",
+            REQUEST_LABELS,
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.request_bytes = Counter(
+            "istio_request_bytes", "Request body bytes", REQUEST_LABELS, registry=self.registry
+        )
+        self.response_bytes = Counter(
+            "istio_response_bytes", "Response body bytes", REQUEST_LABELS, registry=self.registry
+        )
         self._sink = sink
 
     def record(self, rec: RequestRecord) -> None:
@@ -105,8 +136,11 @@ class RequestTelemetry:
         body = {k: v for k, v in asdict(rec).items() if v is not None}
         body["duration_ms"] = round(rec.duration_ms, 3)
         level = "info" if rec.response_code < 400 else "warn"
-        line = json.dumps({"level": level, "target": "access", "message": "request complete", **body},
-                          separators=(",", ":"), ensure_ascii=False)
+        line = json.dumps(
+            {"level": level, "target": "access", "message": "request complete", **body},
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
         if self._sink is not None:
             self._sink(line)
         else:
