@@ -226,7 +226,8 @@ async def test_metrics_and_access_log(pki: Pki) -> None:
         assert re.search(r'istio_requests_total\{[^}]*response_code="403"[^}]*\} 1\.0', text)
         assert re.search(
             r'istio_request_duration_milliseconds_count\{[^}]*response_code="200"'
-            r'[^}]*\} 1\.0', text
+            r"[^}]*\} 1\.0",
+            text,
         )
         allowed, denied = m.logs
         assert allowed["method"] == "GET" and allowed["response_code"] == 200
