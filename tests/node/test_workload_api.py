@@ -213,3 +213,49 @@ async def test_close_removes_the_socket_and_releases_the_identity(api: Api) -> N
     await api.server.close()
     assert not api.server.socket_path.exists()
     assert api.manager.status() == []
+
+
+async def test_envoy_sds_serves_default_and_rootca_and_pushes_rotation(api: Api) -> None:
+    from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+    from envoy.service.discovery.v3 import discovery_pb2
+    from envoy.service.secret.v3 import sds_pb2_grpc
+
+    from zerotunnel.node.workload_api import SECRET_TYPE
+
+    def secrets(response: discovery_pb2.DiscoveryResponse) -> dict[str, secret_pb2.Secret]:
+        out = {}
+        for resource in response.resources:
+            secret = secret_pb2.Secret()
+            assert resource.Unpack(secret)
+            out[secret.name] = secret
+        return out
+
+    async with grpc.aio.insecure_channel(f"unix:{api.server.socket_path}") as channel:
+        stub = sds_pb2_grpc.SecretDiscoveryServiceStub(channel)
+        fetched = await stub.FetchSecrets(
+            discovery_pb2.DiscoveryRequest(resource_names=["ROOTCA"], type_url=SECRET_TYPE), timeout=5
+        )
+        roots = secrets(fetched)["ROOTCA"].validation_context.trusted_ca.inline_bytes
+        assert roots == (api.ca_dir / "root-cert.pem").read_bytes()
+        call = stub.StreamSecrets()
+        wanted = ["default", "ROOTCA"]
+        await call.write(discovery_pb2.DiscoveryRequest(resource_names=wanted, type_url=SECRET_TYPE))
+        first = await asyncio.wait_for(call.read(), 5)
+        got = secrets(first)
+        assert set(got) == {"default", "ROOTCA"}
+        current = api.manager.current(WEB)
+        assert current is not None
+        assert got["default"].tls_certificate.certificate_chain.inline_bytes == current.chain_pem
+        assert got["default"].tls_certificate.private_key.inline_bytes == current.key_pem
+        await call.write(discovery_pb2.DiscoveryRequest(
+            resource_names=["default", "ROOTCA"], type_url=SECRET_TYPE,
+            version_info=first.version_info, response_nonce=first.nonce,
+        ))
+        api.clock.offset = timedelta(minutes=31)  # past half-life: the manager rotates
+        second = await asyncio.wait_for(call.read(), 10)
+        rotated = secrets(second)["default"].tls_certificate.certificate_chain.inline_bytes
+        assert rotated != current.chain_pem
+        now = api.manager.current(WEB)
+        assert now is not None and rotated == now.chain_pem
+        assert int(second.version_info) > int(first.version_info)
+        call.cancel()

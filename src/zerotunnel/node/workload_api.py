@@ -12,6 +12,10 @@ Semantics from §3.1/§3.2:
 - streams send the full state at once and again on every rotation (`CertificateManager.on_update`);
 - keys are PKCS#8 DER, chains and bundles concatenated DER; bundle map keys are `spiffe://<td>`.
 
+The same socket serves Envoy SDS (`envoy.service.secret.v3.SecretDiscoveryService`, a separate service
+as §3.1 asks for extensions) with Istio's resource names: `default` (the pod's certificate chain and key)
+and `ROOTCA` (the trust bundle), pushed again on every rotation.
+
 JWT-SVIDs are signed by a per-node ES256 key held in memory (`JwtAuthority`), published as a JWK set by
 `FetchJWTBundles`; a token is therefore verifiable by workloads on the same node (their bundle carries
 this node's key) — mesh-wide JWT bundles need the control plane's config push (issue 6, part two).
@@ -36,6 +40,11 @@ import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from envoy.service.secret.v3 import sds_pb2_grpc
+from google.protobuf import any_pb2  # type: ignore[import-untyped]
 
 from zerotunnel.identity.spiffe import SpiffeId, SpiffeIdError
 from zerotunnel.node.certs import CertificateError, CertificateManager
@@ -155,6 +164,7 @@ class WorkloadApiServer:
         workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(  # type: ignore[no-untyped-call]
             _Servicer(self), server
         )
+        sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(_SdsServicer(self), server)
         server.add_insecure_port(f"unix:{self.socket_path}")
         await server.start()
         # The pod's processes may run as any user; the socket's location, not its mode, limits access.
@@ -197,6 +207,10 @@ class WorkloadApiServer:
         self._creds = creds
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+
+    async def changed(self) -> None:
+        """Return at the next credentials change (or when the server closes)."""
+        await self._changed.wait()
 
     def current(self) -> WorkloadCredentials | None:
         return self._creds if self._creds is not None else self._manager.current(self.identity)
@@ -304,3 +318,101 @@ class _Servicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         response = workload_pb2.ValidateJWTSVIDResponse(spiffe_id=str(subject))
         response.claims.update(claims)
         return response
+
+
+SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"  # noqa: S105 - a type URL
+SDS_DEFAULT = "default"
+SDS_ROOTCA = "ROOTCA"
+
+
+def sds_resources(creds: WorkloadCredentials, names: Iterable[str]) -> list[any_pb2.Any]:
+    """Istio's SDS secrets: `default` = chain + key, `ROOTCA` = the roots; other names are not ours."""
+    out = []
+    for name in names:
+        if name == SDS_DEFAULT:
+            secret = secret_pb2.Secret(name=name, tls_certificate=common_pb2.TlsCertificate(
+                certificate_chain=base_pb2.DataSource(inline_bytes=creds.chain_pem),
+                private_key=base_pb2.DataSource(inline_bytes=creds.key_pem),
+            ))
+        elif name == SDS_ROOTCA:
+            secret = secret_pb2.Secret(name=name, validation_context=common_pb2.CertificateValidationContext(
+                trusted_ca=base_pb2.DataSource(inline_bytes=creds.roots_pem().encode()),
+            ))
+        else:
+            continue
+        resource = any_pb2.Any()
+        resource.Pack(secret)
+        out.append(resource)
+    return out
+
+
+def _sds_response(
+    creds: WorkloadCredentials, names: Iterable[str], version: int
+) -> discovery_pb2.DiscoveryResponse:
+    return discovery_pb2.DiscoveryResponse(
+        version_info=str(version), resources=sds_resources(creds, names), type_url=SECRET_TYPE,
+        nonce=os.urandom(8).hex(),
+    )
+
+
+class _SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[misc]
+    """SotW SDS: every request (re)names the wanted secrets; every rotation pushes them again."""
+
+    def __init__(self, api: WorkloadApiServer) -> None:
+        self._api = api
+
+    async def FetchSecrets(
+        self, request: discovery_pb2.DiscoveryRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> discovery_pb2.DiscoveryResponse:
+        creds = await self._api.first(context)
+        return _sds_response(creds, request.resource_names or (SDS_DEFAULT,), 1)
+
+    async def StreamSecrets(
+        self, request_iterator: object, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        first = await context.read()
+        if first is grpc.aio.EOF:
+            return
+        names: list[str] = list(first.resource_names) or [SDS_DEFAULT]
+        requested = asyncio.Event()
+
+        async def reader() -> None:
+            nonlocal names
+            while True:
+                request = await context.read()
+                if request is grpc.aio.EOF:
+                    return
+                if not request.response_nonce or (
+                    request.resource_names and list(request.resource_names) != names
+                ):
+                    names = list(request.resource_names) or names
+                    requested.set()
+                if request.HasField("error_detail"):
+                    log.warning("SDS client for %s rejected secrets: %s", self._api.identity,
+                                request.error_detail.message)
+
+        reading = asyncio.get_running_loop().create_task(reader())
+        version = 0
+        try:
+            async for creds in self._api.updates(context):
+                while True:
+                    version += 1
+                    await context.write(_sds_response(creds, names, version))
+                    requested.clear()
+                    rotated = asyncio.ensure_future(self._api.changed())
+                    if self._api.current() is not creds:  # rotated while we were writing
+                        rotated.cancel()
+                        break
+                    wanted = asyncio.ensure_future(requested.wait())
+                    done, _ = await asyncio.wait(
+                        {reading, rotated, wanted}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    rotated.cancel()
+                    wanted.cancel()
+                    if reading in done:
+                        return
+                    if rotated in done:
+                        break
+        finally:
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
