@@ -307,6 +307,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 progress("py-spy not installed: no profile (scripts/bench-deps.sh installs it)")
         server = tb.server_kind
     finally:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)  # a second Ctrl-C must not cut the teardown short
         tb.close()
     add_latency_deltas(results)
     summary = summarize(results)
@@ -414,7 +416,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 destroy_network(cluster)
                 progress(f"removed leftovers of {cluster}")
         return 0
-    signal.signal(signal.SIGTERM, _terminate)
+    # also SIGINT: a shell starting us in the background leaves it ignored, and Ctrl-C must still clean up
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, _terminate)
     started = time.monotonic()
     try:
         report = run(args)
