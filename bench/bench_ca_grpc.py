@@ -223,7 +223,7 @@ def main() -> None:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "zerotunnel", "control", "--config", str(root / "config"),
                  "--state-dir", str(state), "--listen", ca_addr, "--enrol-listen", enrol_addr,
-                 "--log-level", "error"],
+                 "--log-level", "error", "--metrics-listen", "off"],
             )
             try:
                 while not (state / "status.json").exists():
@@ -246,7 +246,7 @@ def start_plane(root: Path, nodes: int) -> tuple[subprocess.Popen[bytes], Path, 
     proc = subprocess.Popen(
         [sys.executable, "-m", "zerotunnel", "control", "--config", str(root / "config"),
          "--state-dir", str(state), "--listen", ca_addr, "--enrol-listen", enrol_addr,
-         "--log-level", "error"],
+         "--log-level", "error", "--metrics-listen", "off"],
     )
     while not (state / "status.json").exists():
         if proc.poll() is not None:

@@ -51,7 +51,7 @@ def served(tmp_path: Path) -> Iterator[tuple[Path, str, str, subprocess.Popen[st
     ca, en = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
     proc = subprocess.Popen(
         [*ZT, "control", "--config", str(tmp_path / "config"), "--state-dir", str(state),
-         "--listen", ca, "--enrol-listen", en],
+         "--listen", ca, "--enrol-listen", en, "--metrics-listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.monotonic() + 20
@@ -102,6 +102,14 @@ def test_serve_token_enrol_and_status(served: tuple[Path, str, str, subprocess.P
     assert "node-a" in shown.stdout and "accepted 1" in shown.stdout
     data = json.loads(_cli("status", "--json", state=state).stdout)
     assert data["certificates"]["issued_per_node"] == {"node-a": 1}
+    # Prometheus text on the loopback metrics port, istiod's names
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{data['listen']['metrics_port']}/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    assert "citadel_server_success_cert_issuance_total 1.0" in metrics
+    assert 'zerotunnel_ca_csr_refused_total{reason="permission-denied"} 1.0' in metrics
+    assert 'zerotunnel_enrolments_total{result="accepted"} 1.0' in metrics
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
@@ -123,6 +131,7 @@ def test_token_create_prints_once_and_validates(tmp_path: Path) -> None:
     assert long.exit_code != 0 and "at most 7 days" in str(long.exception)
 
 
+@pytest.mark.slow
 def test_status_without_state_and_serve_without_config_are_input_errors(tmp_path: Path) -> None:
     res = subprocess.run([*ZT, "control", "status", "--state-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=60)

@@ -58,6 +58,8 @@ def _serve_options(f: Any) -> Any:
                      help="CA address (mTLS, node SVIDs)."),
         click.option("--enrol-listen", default=None,
                      help="Enrolment address (server-only TLS, join tokens) [default: CA port + 1]."),
+        click.option("--metrics-listen", default="127.0.0.1:15014", show_default=True,
+                     help="Prometheus metrics (loopback only); 'off' disables."),
         click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
                      default="info", show_default=True),
     ]
@@ -84,7 +86,7 @@ def serve(**kw: Any) -> None:
 
 def _serve(
     *, config: tuple[str, ...], state_dir: str, ca_dir: str | None, listen: str, enrol_listen: str | None,
-    log_level: str,
+    metrics_listen: str, log_level: str,
 ) -> None:
     if not config:
         raise InputError("--config DIR is required to serve (the pods, their nodes and the mesh config)")
@@ -92,6 +94,7 @@ def _serve(
     plane = ControlPlane(
         Path(state_dir), [Path(c) for c in config], ca_dir=Path(ca_dir) if ca_dir else None,
         listen=listen, enrol_listen=enrol_listen,
+        metrics_listen=None if metrics_listen == "off" else metrics_listen,
     )
 
     async def run() -> None:

@@ -23,6 +23,7 @@ import ipaddress
 import json
 import logging
 import secrets
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2, json_format  # type: ignore[import-untyped]
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client import Counter as PromCounter
 
 from zerotunnel.config import Config, ConfigError, load
 from zerotunnel.config.yamlload import parse_documents
@@ -209,6 +212,7 @@ class ControlPlane:
         ca_dir: Path | None = None,
         listen: str = DEFAULT_LISTEN,
         enrol_listen: str | None = None,
+        metrics_listen: str | None = None,
         clock: Clock = utcnow,
         status_interval: float = 1.0,
     ) -> None:
@@ -219,6 +223,10 @@ class ControlPlane:
         self._enrol_listen = enrol_listen or enrolment_address(listen)
         self._clock = clock
         self._status_interval = status_interval
+        self._metrics_listen = metrics_listen
+        self._metrics_server: Any = None
+        self.metrics_port = 0
+        self.metrics = ControlMetrics()
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
@@ -232,6 +240,7 @@ class ControlPlane:
         self._snapshot_roots = b""
         self._snapshot_config_version = 0
         self._snapshot_common: bytes | None = None
+        self._snapshot_built = time.monotonic()
         self.snapshot_version = 0
         self._snapshot_changed = asyncio.Event()
         self.sessions: dict[str, NodeSession] = {}
@@ -295,6 +304,8 @@ class ControlPlane:
         except RuntimeError as exc:
             raise InputError(f"cannot listen on {self._listen} / {self._enrol_listen}: {exc}") from None
         await server.start()
+        if self._metrics_listen is not None:
+            self._start_metrics(self._metrics_listen)
         self._server = server
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -374,6 +385,26 @@ class ControlPlane:
         if self._server is not None:
             self.write_status()
             self._server = None
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
+
+    def _start_metrics(self, address: str) -> None:
+        """Prometheus text on `address` (istiod's monitoring port 15014), loopback only (security.md
+        rule 18: nothing administrative off-localhost)."""
+        host, port = split_address(address)
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if not loopback:
+            raise InputError(f"--metrics-listen {address}: metrics are served on loopback addresses only")
+        try:
+            self._metrics_server, _thread = start_http_server(port, host, registry=self.metrics.registry)
+        except OSError as exc:
+            raise InputError(f"cannot listen on {address} for metrics: {exc.strerror}") from None
+        self.metrics_port = int(self._metrics_server.server_address[1])
 
     async def wait(self) -> None:
         if self._server is not None:
@@ -416,6 +447,7 @@ class ControlPlane:
         self._snapshot_config_version = config_version
         self._snapshot_common = None
         self.snapshot_version += 1
+        self._snapshot_built = time.monotonic()
         changed, self._snapshot_changed = self._snapshot_changed, asyncio.Event()
         changed.set()
         log.info("snapshot version %d (config version %d, %d documents, %d root(s))",
@@ -488,7 +520,8 @@ class ControlPlane:
             "updated": self._clock().isoformat(),
             "started": self._started.isoformat(),
             "listen": {"ca": f"{self._listen}", "ca_port": self.ca_port,
-                       "enrolment": self._enrol_listen, "enrolment_port": self.enrol_port},
+                       "enrolment": self._enrol_listen, "enrolment_port": self.enrol_port,
+                       "metrics_port": self.metrics_port or None},
             "trust_domain": self.config.mesh.trust_domain,
             "ca": {"source": str(self.ca_source), "root_sha256": fingerprint(self.ca.root_bundle_pem),
                    "roots": len(self.ca.roots),
@@ -541,6 +574,7 @@ class ControlPlane:
             node = self.tokens.consume(token, now)
         except TokenError as exc:
             self._counters.enrol_refused[exc.reason] += 1
+            self.metrics.enrolments.labels(f"refused-{exc.reason}").inc()
             log.warning("enrolment refused from %s: %s", peer, exc.message)
             raise CaDenied("unauthenticated", exc.message) from None
         identity = node_identity(self.config.mesh.trust_domain, node)
@@ -552,6 +586,7 @@ class ControlPlane:
             self._counters.enrol_refused["bad-csr"] += 1
             raise CaDenied("invalid-argument", exc.message) from None
         self._counters.enrolled[node] += 1
+        self.metrics.enrolments.labels("accepted").inc()
         self.note_seen(node)
         log.info("node %s enrolled from %s as %s", node, peer, identity)
         self.write_status()
@@ -567,6 +602,7 @@ class _CaServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
     ) -> ca_pb2.IstioCertificateResponse:
         plane = self._plane
         caller: SpiffeId | None = None
+        plane.metrics.csr.inc()
         try:
             caller = plane.caller_identity(context)
             chain = plane.service.create_certificate(
@@ -577,8 +613,12 @@ class _CaServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
             if caller is None:
                 plane.service.record_refusal(exc.code)
                 log.warning("CSR refused (%s) peer=%s: %s", exc.code, context.peer(), exc.message)
+            plane.metrics.refused.labels(exc.code).inc()
+            if exc.code == "unauthenticated":
+                plane.metrics.auth_failure.inc()
             await context.abort(_CODES[exc.code], exc.message)
             raise  # unreachable: abort raises
+        plane.metrics.issued.inc()
         node = caller.path.rsplit("/", 1)[-1]
         plane.note_seen(node)
         return ca_pb2.IstioCertificateResponse(cert_chain=chain.as_cert_chain_response())
@@ -664,6 +704,7 @@ class _AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ig
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown type_url {first.type_url!r}")
         session = plane.sessions.setdefault(node, NodeSession())
         session.streams += 1
+        plane.metrics.connected.inc()
         plane.note_seen(node)
         log.info("node %s opened its config stream", node)
         nonces: dict[str, int] = {}
@@ -678,6 +719,7 @@ class _AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ig
                     continue  # a stale or unknown nonce: xDS says ignore it
                 if request.HasField("error_detail"):
                     session.nacked, session.nack_error = version, request.error_detail.message
+                    plane.metrics.rejects.inc()
                     log.warning("node %s NACKed snapshot version %d: %s", node, version,
                                 request.error_detail.message)
                 else:
@@ -695,10 +737,14 @@ class _AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ig
                     nonces[nonce] = version
                     while len(nonces) > 16:
                         nonces.pop(next(iter(nonces)))
+                    reconnect = last_sent is None
                     last_sent = session.sent = version
                     await context.write(discovery_pb2.DiscoveryResponse(
                         version_info=str(version), resources=[resource], type_url=SNAPSHOT_TYPE, nonce=nonce
                     ))
+                    plane.metrics.pushes.labels("full" if reconnect else "change").inc()
+                    if not reconnect:
+                        plane.metrics.push_time.observe(time.monotonic() - plane._snapshot_built)
                 waiter = asyncio.ensure_future(changed.wait())
                 done, _ = await asyncio.wait({reading, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
@@ -708,4 +754,38 @@ class _AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ig
             reading.cancel()
             await asyncio.gather(reading, return_exceptions=True)
             session.streams -= 1
+            plane.metrics.connected.dec()
             log.info("node %s closed its config stream", node)
+
+
+class ControlMetrics:
+    """istiod's metric names where one exists (citadel_*, pilot_*), in a registry of our own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.csr = PromCounter("citadel_server_csr", "CSRs received by the CA", registry=r)
+        self.issued = PromCounter(
+            "citadel_server_success_cert_issuance", "Certificates issued", registry=r
+        )
+        self.auth_failure = PromCounter(
+            "citadel_server_authentication_failure", "CSRs without a valid node identity", registry=r
+        )
+        self.refused = PromCounter(
+            "zerotunnel_ca_csr_refused", "CSRs refused, by reason", ["reason"], registry=r
+        )
+        self.enrolments = PromCounter(
+            "zerotunnel_enrolments", "Node enrolment attempts, by result", ["result"], registry=r
+        )
+        self.connected = Gauge("pilot_xds", "Connected node config streams", registry=r)
+        self.pushes = PromCounter(
+            "pilot_xds_pushes", "Snapshots pushed (full on connect, change afterwards)", ["type"], registry=r
+        )
+        self.push_time = Histogram(
+            "pilot_xds_push_time", "Seconds from a new snapshot to its push to a node", registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.rejects = PromCounter("pilot_total_xds_rejects", "Snapshots NACKed by nodes", registry=r)
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
