@@ -12,6 +12,7 @@ from zerotunnel.cluster.desired import (
     loopback_ips,
     pod_specs,
     service_endpoints,
+    with_mesh_options,
 )
 from zerotunnel.cluster.topology import plan_network
 from zerotunnel.config import Config, load
@@ -161,3 +162,39 @@ def test_loopback_ips_are_distinct_and_not_the_host() -> None:
     ips = loopback_ips(desired_state(_config()))
     assert len(set(ips.values())) == 3 and "127.0.0.1" not in ips.values()
     assert all(ip.startswith("127.0.0.") for ip in ips.values())
+
+
+def test_waypoint_and_gateway_commands_get_the_cluster_options() -> None:
+    add = ("-f", "/s/config", "--ca-dir", "/s/ca", "--addresses", "/s/a.json")
+    argv = ("zerotunnel", "waypoint", "--gateway", "ns/wp")
+    assert with_mesh_options(argv, "/s/config", "/s/ca", "/s/a.json") == (*argv, *add)
+    full = ("/venv/bin/zerotunnel", "gateway", "-f", "mine", "--ca-dir", "x", "--addresses", "y")
+    assert with_mesh_options(full, "/s/config", "/s/ca", "/s/a.json") == full
+    for other in (("zerotunnel", "demo-app"), ("sleep", "waypoint"), ("zerotunnel",)):
+        assert with_mesh_options(other, "c", "d", "e") == other
+
+
+def test_waypoint_pods_are_recognised() -> None:
+    cfg = _config(MESH + """
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: shop, labels: {istio.io/waypoint-for: service}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: wp
+  namespace: shop
+  labels: {gateway.networking.k8s.io/gateway-name: wp, istio.io/dataplane-mode: none}
+spec:
+  containers: [{name: c, command: ["zerotunnel", "waypoint", "--gateway", "shop/wp"]}]
+""")
+    d = desired_state(cfg)
+    wp = d.pod("shop/wp")
+    assert wp is not None and wp.waypoint_of == "shop/wp" and not wp.ambient
+    web = d.pod("shop/web")
+    assert web is not None and web.waypoint_of is None

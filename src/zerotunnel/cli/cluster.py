@@ -57,8 +57,8 @@ def render_status(status: dict[str, Any]) -> str:
     pods = [["POD", "NODE", "IP", "MESH", "IDENTITY", "READY", "STATUS", "RESTARTS", "CERT EXPIRY"]]
     for p in status.get("pods", []):
         pods.append([f"{p['namespace']}/{p['name']}", p["node"], p.get("ip") or "-",
-                     "ambient" if p.get("ambient") else "none",
-                     p.get("identity") if p.get("ambient") else "-",
+                     "ambient" if p.get("ambient") else ("waypoint" if p.get("waypoint_of") else "none"),
+                     p.get("identity") if p.get("ambient") or p.get("waypoint_of") else "-",
                      "yes" if p.get("ready") else "no", str(p.get("state")), str(p.get("restarts", 0)),
                      _expiry(p.get("cert_expiry"))])
     out.append(_table(pods))

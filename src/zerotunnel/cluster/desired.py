@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from zerotunnel.cluster.topology import NetworkPlan, PodSpec, ServiceSpec
 from zerotunnel.config import Config
 from zerotunnel.config.model import Container, EnvVar
+from zerotunnel.mesh.build import GATEWAY_NAME_LABEL
 
 DEFAULT_NODE = "node-1"
 IDLE_COMMAND = ("sleep", "infinity")
@@ -29,6 +30,7 @@ class PodWant:
     identity: str
     service_account: str
     containers: tuple[Container, ...]
+    waypoint_of: str | None = None  # `ns/name` of the waypoint Gateway this pod runs
 
     @property
     def uid(self) -> str:
@@ -88,9 +90,18 @@ def desired_state(config: Config, *, mesh: bool = True, previous: Desired | None
             namespace=pod.meta.namespace, name=pod.meta.name, node=node,
             ambient=mesh and config.pod_is_ambient(pod), identity=config.identity_of(pod),
             service_account=pod.service_account, containers=pod.containers,
+            waypoint_of=_waypoint_of(config, pod.meta.namespace, pod.meta.labels.get(GATEWAY_NAME_LABEL)),
         ))
     services = tuple(ServiceSpec(s.meta.name, s.meta.namespace, s.cluster_ip) for s in config.services)
     return Desired(tuple(sorted(nodes)), tuple(pods), services, tuple(skipped))
+
+
+def _waypoint_of(config: Config, namespace: str, gateway: str | None) -> str | None:
+    if gateway is None:
+        return None
+    found = any(g.is_waypoint and g.meta.name == gateway and g.meta.namespace == namespace
+                for g in config.k8s_gateways)
+    return f"{namespace}/{gateway}" if found else None
 
 
 def pod_specs(desired: Desired, config: Config) -> list[PodSpec]:
@@ -178,3 +189,26 @@ def _target_port(containers: tuple[Container, ...], target: int | str) -> int | 
     if target.isdigit():
         return int(target)
     return next((p.container_port for c in containers for p in c.ports if p.name == target), None)
+
+
+MESH_COMPONENTS = frozenset({"waypoint", "gateway"})
+
+
+def with_mesh_options(argv: tuple[str, ...], config_dir: str, ca_dir: str, addresses: str) -> tuple[str, ...]:
+    """A pod running `zerotunnel waypoint|gateway …` gets the cluster's config, CA and addresses.
+
+    In Istio, istiod deploys a waypoint or gateway and feeds it over xDS; a pod manifest only says
+    which Gateway it runs (`--gateway NS/NAME`). The local cluster is that control plane here: it adds
+    `-f` (the last good config snapshot), `--ca-dir` and `--addresses` unless the command sets them.
+    """
+    if len(argv) < 2 or argv[0].rsplit("/", 1)[-1] != "zerotunnel" or argv[1] not in MESH_COMPONENTS:
+        return argv
+    given = set(argv)
+    extra: list[str] = []
+    if not given & {"-f", "--filename"}:
+        extra += ["-f", config_dir]
+    if "--ca-dir" not in given:
+        extra += ["--ca-dir", ca_dir]
+    if "--addresses" not in given:
+        extra += ["--addresses", addresses]
+    return (*argv, *extra)

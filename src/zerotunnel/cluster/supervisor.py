@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ from zerotunnel.cluster.desired import (
     loopback_ips,
     pod_specs,
     service_endpoints,
+    with_mesh_options,
 )
 from zerotunnel.cluster.procs import Managed, ProcessSpec, argv_in_netns
 from zerotunnel.cluster.state import (
@@ -60,9 +62,9 @@ from zerotunnel.cluster.state import (
     write_json,
 )
 from zerotunnel.cluster.topology import NetworkPlan, plan_network, pod_hosts
-from zerotunnel.config import Config, ConfigError
+from zerotunnel.config import Config, ConfigError, load
 from zerotunnel.control import castore
-from zerotunnel.control.watch import FileConfigSource
+from zerotunnel.control.files import read_config_paths
 from zerotunnel.errors import InputError, ZerotunnelError
 from zerotunnel.node.capture import connect_in_netns, in_netns, install_capture
 
@@ -166,7 +168,8 @@ class PodRun:
         pids = [m.pid for _, m in self.procs if m.pid]
         return {
             "namespace": w.namespace, "name": w.name, "node": w.node, "ip": self.ip, "netns": self.netns,
-            "ambient": w.ambient, "identity": w.identity, "registered": self.registered,
+            "ambient": w.ambient, "identity": w.identity, "waypoint_of": w.waypoint_of,
+            "registered": self.registered,
             "ready": self.ready, "restarts": sum(m.restarts for _, m in self.procs),
             "state": "running" if self.running else next(
                 (m.state for _, m in self.procs if not m.running), "pending"),
@@ -186,8 +189,8 @@ class Supervisor:
         self.paths = paths
         self.use_netns = netns
         self.proxies = proxies and netns
-        self.files = config_files(paths)
-        self.source = FileConfigSource(self.files)
+        self.version = 0
+        self._digest = ""
         self.config: Config | None = None
         self.desired: Desired | None = None
         self.plan: NetworkPlan | None = None
@@ -235,7 +238,7 @@ class Supervisor:
             "cluster": self.cluster, "phase": self.phase, "reason": self.reason,
             "mode": "netns" if self.use_netns else "loopback", "proxies": self.proxies,
             "supervisor_pid": os.getpid(), "config_paths": self.paths,
-            "config_version": self.source.current.version if self.source.current else None,
+            "config_version": self.version or None,
             "config_error": self.config_error, "updated": _now(), "events": self.events,
             "nodes": nodes,
             "pods": [self.pods[k].to_json(self.cdir) for k in sorted(self.pods)],
@@ -247,9 +250,36 @@ class Supervisor:
 
     # --- build ----------------------------------------------------------------------------------
 
+    def _load_good(self) -> Config:
+        """Load the user's files; if they are good and changed, publish them to the node proxies.
+
+        The node proxies read `<state>/config/current.yaml`, a snapshot the supervisor replaces
+        (atomically) only with a config that loaded: so a node proxy that restarts while the user's
+        files are broken still starts with the last good config, and files added to or removed from
+        the user's directory reach the proxies without restarting them. Each file's documents are
+        preceded by a `# source:` comment naming it.
+        """
+        files = read_config_paths(config_files(self.paths))
+        digest = hashlib.sha256(repr(files).encode()).hexdigest()
+        if digest == self._digest and self.config is not None:
+            return self.config
+        config = load(files)
+        parts = [f"# source: {name}\n{text}" + ("" if text.endswith("\n") else "\n") for name, text in files]
+        snapshot = "---\n".join(parts) if parts else "# no configuration files\n"
+        load([(str(self.snapshot_file), snapshot)])  # the joined stream must load the same way
+        self.snapshot_file.parent.mkdir(exist_ok=True)
+        write_atomic(self.snapshot_file, snapshot)
+        self._digest = digest
+        self.version += 1
+        return config
+
+    @property
+    def snapshot_file(self) -> Path:
+        return self.cdir.root / "config" / "current.yaml"
+
     def _load(self) -> Config:
         try:
-            return self.source.load().config
+            return self._load_good()
         except (ConfigError, InputError) as exc:
             raise StartupError(exc.message) from exc
 
@@ -286,8 +316,7 @@ class Supervisor:
     def _node_spec(self, node: str) -> ProcessSpec:
         assert self.plan is not None
         argv = [sys.executable, "-m", "zerotunnel.cli.main", "node", "--node", node]
-        for p in self.files:
-            argv += ["-f", p]
+        argv += ["-f", str(self.snapshot_file.parent)]
         argv += ["--addresses", str(self.cdir.addresses_file), "--ca-dir", str(self.cdir.ca_dir),
                  "--pod-api", str(self.cdir.node_socket(node))]
         env = dict(os.environ)
@@ -329,7 +358,7 @@ class Supervisor:
             log.error("%s", exc.message)
             return
         self.node_ready[node] = True
-        self.event(f"node proxy {node} restarted (restart {m.restarts}); re-registering its pods")
+        self.event(f"node proxy {node} restarted (restarts: {m.restarts}); re-registering its pods")
         await asyncio.gather(*(self._register(r) for r in self.pods.values()
                                if r.want.node == node and r.want.ambient), return_exceptions=True)
         self.changed()
@@ -356,14 +385,34 @@ class Supervisor:
             env = container_env(os.environ, want, run.ip, c.env)
             env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/local/bin:/usr/bin:/bin')}"
             env["HOME"] = str(pod_dir)
-            spec = ProcessSpec(argv_in_netns(run.netns, container_argv(c)), env, cwd, logf,
+            argv = with_mesh_options(container_argv(c), str(self.snapshot_file.parent), str(self.cdir.ca_dir),
+                                     str(self.cdir.addresses_file))
+            spec = ProcessSpec(argv_in_netns(run.netns, argv), env, cwd, logf,
                                f"pod/{want.uid}/{c.name}")
             run.procs.append((c.name, Managed(spec, self.changed)))
+
+    async def _register_when_ready(self, run: PodRun, timeout: float = NODE_READY_TIMEOUT) -> None:
+        """While running, a node proxy may be restarting: wait for it, and retry a refused add."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.node_ready.get(run.want.node):
+                try:
+                    await self._register(run)
+                    return
+                except podapi.PodApiError:
+                    if time.monotonic() > deadline:
+                        raise
+            elif time.monotonic() > deadline:
+                raise podapi.PodApiError(f"node proxy {run.want.node} not ready after {timeout:.0f} s")
+            await asyncio.sleep(0.2)
 
     async def _start_pod(self, run: PodRun) -> None:
         """Register (ambient pods) before the first process starts, then start the containers."""
         if run.want.ambient and self.proxies:
-            await self._register(run)
+            if self.phase == PHASE_READY:
+                await self._register_when_ready(run)
+            else:
+                await self._register(run)
         self._pod_procs(run)
         for _, m in run.procs:
             m.start()
@@ -562,31 +611,18 @@ class Supervisor:
             await asyncio.to_thread(network.remove_pod, self.cluster, run.netns)
 
     async def _watch(self) -> None:
-        """Reload on any change under the given paths; a new or removed file restarts the node proxies
-        (they were given the file list), a bad change keeps the last good config (DESIGN.md §2)."""
+        """Reload on any change under the given paths (files added to a directory included); a bad
+        change keeps the last good config in force and is reported (DESIGN.md §2)."""
         changes = watchfiles.awatch(*self.paths, debounce=200, step=50, stop_event=self.stop_event)
         async for _changes in changes:
-            files = config_files(self.paths)
-            files_changed = files != self.files
-            self.files = files
-            self.source.paths = [Path(f) for f in files]
-            previous = self.source.current
+            previous = self.version
             try:
-                loaded = self.source.load()
+                config = self._load_good()
             except (ConfigError, InputError) as exc:
                 self._config_rejected(exc)
                 continue
-            if files_changed and self.proxies:
-                self.event("the set of config files changed: restarting the node proxies with the new list")
-                for node, m in list(self.nodes.items()):
-                    await m.stop()
-                    fresh = Managed(self._node_spec(node), self.changed, self._on_node_start(node))
-                    fresh.starts = 1
-                    self.nodes[node] = fresh
-                    fresh.start()
-            if previous is not None and loaded.version == previous.version:
-                continue
-            await self._apply(loaded.config, loaded.version)
+            if self.version != previous:
+                await self._apply(config, self.version)
 
     def _config_rejected(self, exc: InputError) -> None:
         self.config_error = exc.message
