@@ -289,6 +289,11 @@ async def test_a_nacked_snapshot_keeps_the_last_good_one_and_is_reported(tmp_pat
         assert session.acked == 1 and "cannot enforce" in (session.nack_error or "")
         assert sub.current is seen[0] and sub.current.version == "1"
         assert "snapshot version 2 rejected" in (sub.last_error or "")
+        metrics = plane.metrics.text().decode()
+        assert "pilot_total_xds_rejects_total 1.0" in metrics and "pilot_xds 1.0" in metrics
+        assert 'pilot_xds_pushes_total{type="full"} 1.0' in metrics
+        assert 'pilot_xds_pushes_total{type="change"} 1.0' in metrics
+        assert "pilot_xds_push_time_count 1.0" in metrics
         # fixing the config produces a new version that is acked
         (tmp_path / "config" / "policy.yaml").unlink()
         await _wait_for(lambda: plane.sessions["node-a"].acked == 3)
