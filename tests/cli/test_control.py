@@ -100,6 +100,7 @@ def test_serve_token_enrol_and_status(served: tuple[Path, str, str, subprocess.P
     assert shown.returncode == 0, shown.stderr
     assert "issued 1, refused: permission-denied 1" in shown.stdout
     assert "node-a" in shown.stdout and "accepted 1" in shown.stdout
+    assert "snapshot       version 1, 1 documents" in shown.stdout
     data = json.loads(_cli("status", "--json", state=state).stdout)
     assert data["certificates"]["issued_per_node"] == {"node-a": 1}
     # Prometheus text on the loopback metrics port, istiod's names

@@ -163,11 +163,18 @@ def status(state_dir: str, as_json: bool) -> None:
         f"enrolment      accepted {enrol['accepted']}, refused: "
         + (", ".join(f"{k} {v}" for k, v in sorted(enrol["refused"].items())) or "none")
         + f", unused tokens {enrol['tokens_pending']}",
+        f"snapshot       version {data.get('snapshot', {}).get('version', '-')}, "
+        f"{data.get('snapshot', {}).get('documents', 0)} documents",
         f"nodes          {len(data['nodes'])}",
     ]
     per_node = certs.get("issued_per_node", {})
-    lines += [
-        f"  {n['name']:<24} last seen {n['last_seen'] or '-'}, certificates {per_node.get(n['name'], 0)}"
-        for n in data["nodes"]
-    ]
+    for n in data["nodes"]:
+        issued = per_node.get(n["name"], 0)
+        line = f"  {n['name']:<24} last seen {n['last_seen'] or '-'}, certificates {issued}"
+        if "streams" in n:
+            line += (f", config stream {'up' if n['streams'] else 'down'}, sent {n['sent']}, "
+                     f"acked {n['acked']}")
+            if n.get("nacked") is not None:
+                line += f", NACKED {n['nacked']}: {n['nack_error']}"
+        lines.append(line)
     click.echo("\n".join(lines))

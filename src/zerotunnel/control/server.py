@@ -1,8 +1,11 @@
-"""The control plane's gRPC server: the mesh CA (`CreateCertificate`) and node enrolment (issue 6).
+"""The control plane's gRPC server: the mesh CA, node enrolment and config distribution (issue 6).
+
+docs/control-plane.md is the overview (ports, identities, rotation, the snapshot stream, status).
 
 Two ports on one gRPC server, because grpcio cannot ask for a client certificate without requiring it:
 
-- the CA port (default 127.0.0.1:15012, istiod's port, spec/istio-ambient.md §3.2) requires a client
+- the CA port (default 127.0.0.1:15012, istiod's port, spec/istio-ambient.md §3.2) serves
+  `CreateCertificate` and the config stream (`StreamAggregatedResources`) and requires a client
   certificate: a node SVID. grpc-core checks the chain against our roots during the handshake; we then
   re-verify the leaf with `identity.verify_peer` (DESIGN.md §6: OpenSSL accepts a CA certificate as a
   client leaf and knows nothing of SPIFFE) and refuse anything but TLS 1.3 (security.md rule 6);
@@ -12,7 +15,8 @@ Two ports on one gRPC server, because grpcio cannot ask for a client certificate
 The server presents `spiffe://<td>/ns/istio-system/sa/istiod` with DNS SANs `istiod.istio-system.svc` and
 `localhost` (what nodes check, as ztunnel checks istiod's), signed by the mesh CA at start. The CA key stays
 in this process: it is loaded from `--ca-dir` (Istio's plug-in `cacerts` layout) or created once, 0600, in
-`<state-dir>/ca` (§3.5). `status.json` in the state directory is what `zerotunnel control status` reads.
+`<state-dir>/ca` (§3.5), and re-read when its files change (root rotation). `status.json` in the state
+directory is what `zerotunnel control status` reads; Prometheus metrics are on loopback 15014.
 """
 
 from __future__ import annotations
@@ -303,9 +307,9 @@ class ControlPlane:
             )
         except RuntimeError as exc:
             raise InputError(f"cannot listen on {self._listen} / {self._enrol_listen}: {exc}") from None
-        await server.start()
         if self._metrics_listen is not None:
             self._start_metrics(self._metrics_listen)
+        await server.start()
         self._server = server
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -731,7 +735,8 @@ class _AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ig
         try:
             while True:
                 version, changed = plane.snapshot_version, plane._snapshot_changed
-                if last_sent != version:  # full state on (re)connect, then on every change
+                # full state on (re)connect, then on every change; never an empty version-0 snapshot
+                if version and last_sent != version:
                     nonce = secrets.token_hex(8)
                     resource = plane.snapshot_any(node)
                     nonces[nonce] = version
