@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from zerotunnel.cluster import runner
-from zerotunnel.cluster.state import DEFAULT_CLUSTER, ClusterDir
+from zerotunnel.cluster.state import DEFAULT_CLUSTER, ClusterDir, read_json
 from zerotunnel.errors import InputError
 
 _NAME = click.option("--name", default=DEFAULT_CLUSTER, show_default=True,
@@ -161,10 +161,15 @@ def exec_(name: str, namespace: str | None, pod: str, command: tuple[str, ...]) 
     argv = list(command[1:] if command and command[0] == "--" else command)
     if not argv:
         raise InputError("no command given: zerotunnel exec POD -- CMD [ARGS…]")
-    env = dict(os.environ)
-    env.update({"POD_NAME": p["name"], "POD_NAMESPACE": p["namespace"], "POD_IP": p.get("ip") or ""})
-    bin_dir = str(Path(sys.executable).parent)
-    env["PATH"] = f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}"
+    cdir = ClusterDir.for_cluster(name)
+    pod_env = read_json(cdir.pod_dir(p["namespace"], p["name"]) / "env.json")
+    if pod_env is not None:  # the first container's environment, as `kubectl exec` gives
+        env = {str(k): str(v) for k, v in pod_env.items()}
+        env.update({k: os.environ[k] for k in ("TERM", "COLUMNS", "LINES") if k in os.environ})
+    else:
+        env = dict(os.environ)
+        env.update({"POD_NAME": p["name"], "POD_NAMESPACE": p["namespace"], "POD_IP": p.get("ip") or ""})
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
     netns = p.get("netns")
     sys.stdout.flush()
     sys.stderr.flush()

@@ -385,6 +385,8 @@ class Supervisor:
             env = container_env(os.environ, want, run.ip, c.env)
             env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/local/bin:/usr/bin:/bin')}"
             env["HOME"] = str(pod_dir)
+            if c is want.containers[0]:
+                write_json(pod_dir / "env.json", env)  # `zerotunnel exec` runs with it, as kubectl exec does
             argv = with_mesh_options(container_argv(c), str(self.snapshot_file.parent), str(self.cdir.ca_dir),
                                      str(self.cdir.addresses_file))
             spec = ProcessSpec(argv_in_netns(run.netns, argv), env, cwd, logf,
