@@ -457,3 +457,30 @@ async def test_tls_below_1_3_is_refused_per_call(cp: Plane) -> None:
     assert headers.get("grpc-status") == str(grpc.StatusCode.UNAUTHENTICATED.value[0])
     assert "TLS 1.3 is required" in headers.get("grpc-message", "").replace("%20", " ")
     assert cp.plane.service.stats().issued == 0
+
+
+async def test_a_node_adopts_a_new_root_bundle_from_any_response(tmp_path: Path) -> None:
+    from zerotunnel.control.castore import init_root, write_files
+
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "mesh.yaml").write_text(CONFIG)
+    old = init_root(tmp_path / "cacerts", TD, datetime.now(UTC))
+    plane = ControlPlane(tmp_path / "cp", [tmp_path / "config"], ca_dir=tmp_path / "cacerts",
+                         listen="127.0.0.1:0", enrol_listen="127.0.0.1:0")
+    await plane.start()
+    try:
+        cp = Plane(plane, Clock(), tmp_path)
+        node = await cp.node("node-a")
+        new = CertificateAuthority.create_root(TD, datetime.now(UTC))
+        both = old.root_bundle_pem + new.root_bundle_pem
+        write_files({tmp_path / "cacerts" / "root-cert.pem": (both, 0o644)})
+        assert plane.reload_ca()
+        await node.sign(WEB, _csr(WEB), None)  # no renewal of the node SVID: only the bundle moves
+        stored = load_node_identity(tmp_path / "state-node-a")
+        assert stored is not None and stored.roots_pem == both
+        assert stored.chain_pem == node.identity.chain_pem
+        # the next call is made on a channel that trusts both roots, and works
+        await node.sign(WEB, _csr(WEB), None)
+        await node.close()
+    finally:
+        await plane.stop(grace=0)

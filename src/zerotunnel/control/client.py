@@ -50,6 +50,7 @@ log = logging.getLogger("zerotunnel.control.client")
 SERVER_NAME = "istiod.istio-system.svc"
 IMPERSONATED_IDENTITY = "ImpersonatedIdentity"
 NODE_DIR = "node"
+CHANNEL_CLOSE_GRACE = 5.0
 Clock = Callable[[], datetime]
 
 
@@ -233,6 +234,7 @@ class GrpcCaClient:
         self._channel: grpc.aio.Channel | None = None
         self._stub: ca_pb2_grpc.IstioCertificateServiceStub | None = None
         self._refresh_lock: asyncio.Lock | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     def channel(self) -> grpc.aio.Channel:
         """The mTLS channel to the control plane (replaced when the node identity is renewed)."""
@@ -267,15 +269,38 @@ class GrpcCaClient:
     async def sign(self, identity: SpiffeId, csr_pem: bytes, ttl: timedelta | None) -> IssuedChain:
         """CreateCertificate for a pod identity on this node (the control plane checks that it is)."""
         if self.identity.needs_refresh(self._clock()):
-            await self.refresh_node_identity()
-        return chain_from_response(await self._create(csr_pem, ttl, identity), identity)
+            await self.refresh_node_identity(only_if_due=True)
+        chain = chain_from_response(await self._create(csr_pem, ttl, identity), identity)
+        await self.adopt_roots(chain.roots_pem)
+        return chain
 
-    async def refresh_node_identity(self) -> NodeIdentity:
-        """Renew the node SVID over mTLS with the current one (no impersonation: SAN := caller)."""
+    async def adopt_roots(self, roots_pem: bytes) -> None:
+        """Trust the control plane's current root bundle for the next connections to it.
+
+        The bundle arrived over the mTLS channel from the control plane itself, so it is as trustworthy
+        as the one in a renewed node SVID; taking it at once means a root rotation's new root is trusted
+        before the control plane's own certificate moves to it (security.md rule 16).
+        """
+        if not roots_pem or roots_pem == self.identity.roots_pem:
+            return
+        current = self.identity
+        self.identity = NodeIdentity(current.node, current.identity, current.chain_pem, current.key_pem,
+                                     roots_pem)
+        save_node_identity(self._state_dir, self.identity)
+        self._reset_channel()
+        log.info("control plane root bundle updated (%d root(s))", roots_pem.count(b"BEGIN CERTIFICATE"))
+
+    async def refresh_node_identity(self, *, only_if_due: bool = False) -> NodeIdentity:
+        """Renew the node SVID over mTLS with the current one (no impersonation: SAN := caller).
+
+        With `only_if_due`, callers that queued behind a renewal in progress do not renew again.
+        """
         if self._refresh_lock is None:
             self._refresh_lock = asyncio.Lock()
         async with self._refresh_lock:
             current = self.identity
+            if only_if_due and not current.needs_refresh(self._clock()):
+                return current
             key = generate_key("ec-p256")
             chain = chain_from_response(
                 await self._create(make_csr(current.identity, key), None, None), current.identity
@@ -284,7 +309,7 @@ class GrpcCaClient:
                                  chain.roots_pem)
             save_node_identity(self._state_dir, fresh)
             self.identity = fresh
-            await self._reset_channel()
+            self._reset_channel()
             log.info("node identity %s renewed until %s", fresh.identity, fresh.not_after.isoformat())
             return fresh
 
@@ -303,13 +328,19 @@ class GrpcCaClient:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), min(wait, recheck))
 
-    async def _reset_channel(self) -> None:
+    def _reset_channel(self) -> None:
+        """New calls get a new channel (new credentials); calls in flight on the old one may finish."""
         channel, self._channel, self._stub = self._channel, None, None
         if channel is not None:
-            await channel.close(grace=1.0)
+            task = asyncio.get_running_loop().create_task(channel.close(grace=CHANNEL_CLOSE_GRACE))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
-        await self._reset_channel()
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            await channel.close(grace=0.2)
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 SNAPSHOT_TYPE = "type.googleapis.com/zerotunnel.control.v1.NodeSnapshot"
@@ -438,6 +469,7 @@ class ConfigSubscription:
                 error_detail=status_pb2.Status(code=_INVALID_ARGUMENT, message=message),
             )
         self.current, self.last_error = snapshot, None
+        await self._client.adopt_roots(snapshot.roots_pem)
         log.info("snapshot version %s applied (%d documents)", snapshot.version, len(snapshot.documents))
         return discovery_pb2.DiscoveryRequest(
             version_info=snapshot.version, type_url=SNAPSHOT_TYPE, response_nonce=response.nonce
