@@ -89,7 +89,7 @@ async def test_waypoint_process_enforces_seed_policy(tmp_path: Path) -> None:
         local_workload=lambda _ip: LocalWorkload("app-a", "namespace-a", dest_creds.identity),
     )
     await destination.start(app_ip, 15008)
-    metrics_port = random.randint(20000, 40000)
+    metrics_port = random.randint(10000, 30000)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

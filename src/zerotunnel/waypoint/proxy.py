@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import cast
 
 from zerotunnel.config import Config
+from zerotunnel.gateway.config import gateway_identity
 from zerotunnel.identity.spiffe import SpiffeId
 from zerotunnel.mesh.build import Addresses, build_mesh
 from zerotunnel.mesh.model import MeshService, MeshState, WaypointRef, Workload
@@ -43,6 +44,7 @@ from zerotunnel.waypoint.http import (
     HttpResponse,
     StreamChannel,
     forwarding_headers,
+    is_untrusted,
     sanitize_request_headers,
     sanitize_response_headers,
     text_response,
@@ -51,6 +53,7 @@ from zerotunnel.waypoint.serve import serve_http
 from zerotunnel.waypoint.telemetry import RequestRecord, RequestTelemetry
 
 log = logging.getLogger("zerotunnel.waypoint")
+XFCC = "x-forwarded-client-cert"
 
 ALLOW_TUNNEL = Decision(True, None, None, "waypoint: policy is applied per request", 200)
 WAYPOINT_FOR_SERVICE = ("service", "all")
@@ -63,6 +66,9 @@ class WaypointSnapshot:
     config: Config
     state: MeshState
     engine: Engine
+    xfcc_sources: frozenset[str] = frozenset()
+    """Identities whose `x-forwarded-client-cert` is kept: the ingress gateways' (§7.3). From anyone
+    else the header is dropped before policy sees it (security.md §1b)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +189,8 @@ class Waypoint:
     def apply(self, config: Config, addresses: Addresses, version: int) -> None:
         """Swap in a new configuration; the next request is decided under it."""
         state = build_mesh(config, addresses)
-        self.snapshot = WaypointSnapshot(version, config, state, Engine.from_config(config))
+        sources = frozenset(gateway_identity(config, g) for g in config.gateways)
+        self.snapshot = WaypointSnapshot(version, config, state, Engine.from_config(config), sources)
 
     async def start(self, host: str = "0.0.0.0", port: int = 15008) -> None:  # noqa: S104 - HBONE listener
         await self.server.start(host, port)
@@ -284,12 +291,15 @@ class Waypoint:
         record: RequestRecord,
     ) -> HttpResponse:
         service = binding.service
+        trusted = str(tunnel.source_identity) in snapshot.xfcc_sources
+        kept = [(k, v) for k, v in request.headers if trusted and k == XFCC]
+        seen = [(k, v) for k, v in request.headers if not is_untrusted(k)] + kept
         l7 = L7Request(
             method=request.method,
             path=request.target,
             host=request.host,
             port=tunnel.target[1],
-            headers=tuple(request.headers),
+            headers=tuple(seen),
             source_identity=str(tunnel.source_identity),
             source_ip=tunnel.src_addr[0],
             destination_ip=tunnel.target[0],
@@ -312,7 +322,7 @@ class Waypoint:
             return text_response(400, f"Bad Request: {exc.message}\n")
         target = normalized.path + (f"?{normalized.query}" if normalized.query else "")
         headers = sanitize_request_headers(request.headers)
-        headers += forwarding_headers(request, tunnel.src_addr[0], proto="http")
+        headers += forwarding_headers(request, tunnel.src_addr[0], proto="http") + kept
         response = await self.forwarder.forward(
             snapshot.state,
             self._self_workload(snapshot.state),

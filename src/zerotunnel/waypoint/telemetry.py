@@ -146,5 +146,20 @@ class RequestTelemetry:
         else:
             LOGGER.info(line)
 
+    def event(self, message: str, fields: dict[str, object]) -> None:
+        """A connection-level event (a refused handshake, a refused client certificate), one line."""
+        self._emit("warn", message, fields)
+
+    def _emit(self, level: str, message: str, body: dict[str, object]) -> None:
+        line = json.dumps(
+            {"level": level, "target": "access", "message": message, **body},
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+        if self._sink is not None:
+            self._sink(line)
+        else:
+            LOGGER.info(line)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,168 @@
+"""The ingress gateway with real curl clients and certificates from two external CAs (issue 7):
+MUTUAL and OPTIONAL_MUTUAL, unknown CA, revoked, expired, SAN allow-list, forged XFCC replaced,
+secrets reloaded without a restart, and the path through the destination's waypoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+from tests.gateway.conftest import (
+    ExternalPki,
+    GatewayMesh,
+    gateway_spiffe,
+    mesh_config,
+    start_gateway_mesh,
+)
+from tests.waypoint.conftest import Pki
+
+
+def _echo(body: str) -> dict[str, object]:
+    return json.loads(body)  # type: ignore[no-any-return]
+
+
+def _refusals(gw: GatewayMesh) -> list[str]:
+    return [
+        x["error"] for x in gw.logs if x["message"] in ("tls handshake failed", "client certificate refused")
+    ]
+
+
+async def test_mutual_accepts_clients_of_both_external_cas(gw: GatewayMesh) -> None:
+    for client, cn in ((gw.ext.client_a, "client-a"), (gw.ext.client_b, "client-b")):
+        code, body, err = await gw.curl(client)
+        assert code == 0, err
+        echo = _echo(body)
+        assert echo["path"] == "/data"
+        xfcc = echo["headers"]["x-forwarded-client-cert"]  # type: ignore[index]
+        der = client.cert.public_bytes(serialization.Encoding.DER)
+        assert xfcc.startswith(f"By={gateway_spiffe()};Hash={hashlib.sha256(der).hexdigest()};")
+        assert f'Subject="CN={cn},O=clients"' in xfcc
+        assert echo["headers"]["x-forwarded-proto"] == "https"  # type: ignore[index]
+    a_xfcc = _echo((await gw.curl(gw.ext.client_a))[1])["headers"]["x-forwarded-client-cert"]  # type: ignore[index]
+    assert a_xfcc.endswith(";URI=https://client-a.partner-a.example;DNS=client-a.partner-a.example")
+    # the destination's node proxy authorizes the gateway's own mesh identity (§7.3)
+    assert {str(r.source_identity) for r in gw.seen} == {gateway_spiffe()}
+
+
+async def test_mutual_refuses_unknown_ca_revoked_expired_and_no_cert(gw: GatewayMesh) -> None:
+    cases = {
+        "unknown CA": gw.ext.client_unknown,
+        "revoked": gw.ext.client_revoked,
+        "expired": gw.ext.client_expired,
+        "no certificate": None,
+    }
+    for case, client in cases.items():
+        code, body, _ = await gw.curl(client)
+        assert code != 0, (case, body)
+    assert gw.seen == []  # nothing reached the mesh
+    reasons = _refusals(gw)
+    assert len(reasons) == 4, reasons
+    assert "unable to get local issuer certificate" in reasons[0]
+    assert "is revoked by CN=partner-a root CA,O=partner-a" in reasons[1]
+    assert "certificate has expired" in reasons[2]
+    assert "client certificate required" in reasons[3]
+
+
+async def test_optional_mutual(gw: GatewayMesh) -> None:
+    code, body, err = await gw.curl(None, port=gw.optional_port)
+    assert code == 0, err
+    assert "x-forwarded-client-cert" not in _echo(body)["headers"]  # type: ignore[operator]
+    code, body, err = await gw.curl(gw.ext.client_b, port=gw.optional_port)
+    assert code == 0, err
+    assert "CN=client-b" in _echo(body)["headers"]["x-forwarded-client-cert"]  # type: ignore[index]
+    # presented certificates are validated (§7.1): an unknown CA or a revoked one is still refused
+    for client in (gw.ext.client_unknown, gw.ext.client_revoked):
+        code, body, _ = await gw.curl(client, port=gw.optional_port)
+        assert code != 0, body
+
+
+async def test_forged_xfcc_replaced(gw: GatewayMesh) -> None:
+    forged = "x-forwarded-client-cert: By=spiffe://cluster.local/ns/istio-system/sa/admin;URI=spiffe://evil"
+    code, body, err = await gw.curl(gw.ext.client_a, headers=(forged, "X-Envoy-Peer-Metadata: evil"))
+    assert code == 0, err
+    headers = _echo(body)["headers"]
+    assert isinstance(headers, dict)
+    assert isinstance(headers["x-forwarded-client-cert"], str)  # one value: ours
+    assert "evil" not in headers["x-forwarded-client-cert"]
+    assert "x-envoy-peer-metadata" not in headers
+    code, body, err = await gw.curl(None, port=gw.optional_port, headers=(forged,))
+    assert code == 0, err
+    assert "x-forwarded-client-cert" not in _echo(body)["headers"]  # type: ignore[operator]
+
+
+async def test_subject_alt_names_allow_list(pki: Pki, ext: ExternalPki, tmp_path: Path) -> None:
+    m = await start_gateway_mesh(
+        pki, ext, tmp_path, sans=("client-a.partner-a.example", "client-b.partner-b.example")
+    )
+    try:
+        assert (await m.curl(ext.client_a))[0] == 0
+        assert (await m.curl(ext.client_b))[0] == 0
+        code, _, _ = await m.curl(ext.client_wrong_san)
+        assert code != 0
+        [reason] = _refusals(m)
+        assert "match none of subjectAltNames" in reason and "other.partner-a.example" in reason
+    finally:
+        await m.close()
+
+
+async def test_secret_reload_without_restart(pki: Pki, ext: ExternalPki, tmp_path: Path) -> None:
+    m = await start_gateway_mesh(pki, ext, tmp_path)
+    try:
+        assert (await m.curl(ext.client_b))[0] == 0
+        # partner-b is removed from ca.crt: its clients are refused from the next handshake on
+        config = mesh_config(ext, m.mutual_port, m.optional_port, ca_bundle=ext.partner_a.cert_pem)
+        assert m.gateway.apply(config, m.addresses) == []
+        assert (await m.curl(ext.client_b))[0] != 0
+        assert (await m.curl(ext.client_a))[0] == 0
+        # a broken secret keeps the last good TLS configuration in force
+        broken = mesh_config(ext, m.mutual_port, m.optional_port, ca_bundle=b"not a certificate")
+        errors = m.gateway.apply(broken, m.addresses)
+        assert errors and "app-credential" in errors[0]
+        assert (await m.curl(ext.client_a))[0] == 0
+        assert (await m.curl(ext.client_b))[0] != 0
+    finally:
+        await m.close()
+
+
+async def test_unrouted_host_and_path(gw: GatewayMesh) -> None:
+    code, body, err = await gw.curl(gw.ext.client_a, headers=("Host: other.example.com",))
+    assert code == 0, err
+    assert body == "route not found\n"
+
+
+WAYPOINT_POLICY = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: partner-a-only, namespace: namespace-a}
+spec:
+  targetRefs: [{kind: Service, group: "", name: app-a}]
+  action: ALLOW
+  rules:
+    - from: [{source: {principals: [cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account]}}]
+      when: [{key: "request.headers[x-forwarded-client-cert]", values: ["*URI=https://client-a.partner-a.example;DNS=client-a.partner-a.example"]}]
+"""
+
+
+async def test_through_waypoint_l7_policy_on_external_identity(
+    pki: Pki, ext: ExternalPki, tmp_path: Path
+) -> None:
+    m = await start_gateway_mesh(pki, ext, tmp_path, waypoint=True, extra=WAYPOINT_POLICY)
+    try:
+        code, body, err = await m.curl(ext.client_a)
+        assert code == 0, err
+        assert _echo(body)["name"] == "app-a"
+        code, body, err = await m.curl(ext.client_b)
+        assert code == 0, err
+        assert body == "RBAC: access denied"
+        # the gateway went through the waypoint; app-a's node proxy saw the waypoint's identity
+        assert {str(r.source_identity) for r in m.seen} == {
+            "spiffe://cluster.local/ns/namespace-a/sa/waypoint"
+        }
+        wp_logs = [json.loads(x) for x in m.waypoint_lines]
+        assert [x["response_code"] for x in wp_logs] == [200, 403]
+        assert {x["src_identity"] for x in wp_logs} == {gateway_spiffe()}
+    finally:
+        await m.close()
