@@ -206,6 +206,19 @@ kind: Secret
 metadata: {name: gw-cert, namespace: istio-system}
 type: kubernetes.io/tls
 data: {tls.crt: dGVzdA==, tls.key: c2VjcmV0LWtleQ==}
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Secret
+  metadata: {name: listed-cert, namespace: istio-system}
+  type: kubernetes.io/tls
+  data: {tls.crt: dGVzdA==, tls.key: bGlzdGVkLWtleQ==}
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: listed, namespace: shop}
+  spec: {serviceAccountName: listed, nodeName: node-b, containers: [{name: app, image: x}]}
 """
 POLICY = """
 apiVersion: security.istio.io/v1
@@ -238,9 +251,10 @@ async def test_snapshots_are_pushed_acked_and_updated_on_config_edits(tmp_path: 
         await _wait_for(lambda: plane.sessions.get("node-a") and plane.sessions["node-a"].acked == 1)
         [first] = applied
         assert first.version == "1" and first.node == "node-a"
-        assert [p.meta.name for p in first.config.pods] == ["web"]
-        assert first.config.secrets == ()  # gateway keys never reach nodes
-        assert "c2VjcmV0LWtleQ" not in "".join(text for _, text in first.documents)
+        assert sorted(p.meta.name for p in first.config.pods) == ["listed", "web"]
+        assert first.config.secrets == ()  # gateway keys never reach nodes, not even inside a List
+        sent = "".join(text for _, text in first.documents)
+        assert "c2VjcmV0LWtleQ" not in sent and "bGlzdGVkLWtleQ" not in sent
         assert first.roots_pem == plane.ca.root_bundle_pem
         # an edit is pushed within a second or so, and acked
         started = asyncio.get_running_loop().time()

@@ -674,12 +674,26 @@ def _node_documents(files: Sequence[tuple[str, str]]) -> tuple[snapshot_pb2.Conf
         if failure is not None:
             raise InputError(f"{name}: document {failure.index}: {failure.message}")
         for doc in docs:
-            if isinstance(doc.data, dict) and doc.data.get("kind") == "Secret":
+            data = _without_secrets(doc.data)
+            if data is None:
                 continue
             out.append(snapshot_pb2.ConfigDocument(
-                name=f"{name}#{doc.index}", json=json.dumps(doc.data, default=str, sort_keys=True)
+                name=f"{name}#{doc.index}", json=json.dumps(data, default=str, sort_keys=True)
             ))
     return tuple(out)
+
+
+def _without_secrets(data: Any) -> Any:
+    """The document minus Secrets, also inside `kind: List` items (`kubectl get -o yaml` output);
+    None when nothing is left."""
+    if not isinstance(data, dict):
+        return data
+    if data.get("kind") == "Secret":
+        return None
+    if data.get("kind") == "List" and isinstance(data.get("items"), list):
+        items = [kept for item in data["items"] if (kept := _without_secrets(item)) is not None]
+        return {**data, "items": items}
+    return data
 
 
 class _AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
