@@ -457,6 +457,8 @@ class ConfigSubscription:
         accepted = self.current.version if self.current else ""
         try:
             snapshot = decode_snapshot(response)
+            if snapshot.node != self._client.identity.node:
+                raise InputError(f"snapshot is for node {snapshot.node}, not {self._client.identity.node}")
             result = self._apply(snapshot)
             if result is not None:
                 await result
