@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import h2.config
@@ -25,7 +26,19 @@ from h2.errors import ErrorCodes
 from h2.frame_buffer import FrameBuffer
 from hpack.exceptions import HPACKError
 from hyperframe.exceptions import HyperframeError
-from hyperframe.frame import ContinuationFrame, DataFrame, Frame, HeadersFrame, PushPromiseFrame
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    ExtensionFrame,
+    Frame,
+    HeadersFrame,
+    PingFrame,
+    PriorityFrame,
+    PushPromiseFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
 
 from zerotunnel.hbone.authority import AuthorityError, HboneAuthority, parse_authority
 from zerotunnel.hbone.events import (
@@ -95,6 +108,12 @@ class AbuseLimits:
     reset_rate: float = 33.0
     control_burst: int = 200
     control_rate: float = 20.0
+    # WINDOW_UPDATE is only ever needed because we sent DATA: Envoy's
+    # `max_inbound_window_update_frames_per_data_frame_sent` (10), plus a burst for the connection
+    # and stream windows a peer may open up front. A flood of 1-byte increments otherwise costs a
+    # pass over every stream's send queue per frame (tests/reliability/test_h2_abuse.py).
+    window_update_burst: int = 1000
+    window_updates_per_data_frame: int = 10
 
 
 @dataclass(slots=True)
@@ -131,6 +150,29 @@ class _BoundedFrameBuffer(FrameBuffer):
         return super()._update_header_buffer(f)
 
 
+class _OverBudget(Exception):
+    """Internal: a budget ran out mid-read; `receive_data` turns it into a GOAWAY."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _GuardedH2Connection(h2.connection.H2Connection):
+    """Runs `guard(frame)` before h2 handles each received frame, so an abuse budget stops a flood
+    at the frame that exhausts it. Counting h2's *events* instead let h2 parse a whole read first:
+    10,000 HEADERS+RST_STREAM pairs fit in one 256 KiB read, 1.3 s of CPU on the event loop before
+    the first budget check (tests/reliability/test_h2_abuse.py, rapid reset)."""
+
+    def __init__(self, config: h2.config.H2Configuration, guard: Callable[[Frame], None]) -> None:
+        super().__init__(config=config)
+        self._guard = guard
+
+    def _receive_frame(self, frame: Frame) -> list[h2.events.Event]:
+        self._guard(frame)
+        return super()._receive_frame(frame)
+
+
 @dataclass(slots=True)
 class _Outbound:
     chunks: deque[memoryview] = field(default_factory=deque)
@@ -139,7 +181,6 @@ class _Outbound:
     was_blocked: bool = False
 
 
-_CONTROL_EVENTS = (h2.events.PingReceived, h2.events.PriorityUpdated, h2.events.UnknownFrameReceived)
 _PROTOCOL_ERRORS = (h2.exceptions.ProtocolError, HyperframeError, HPACKError)
 
 
@@ -149,7 +190,7 @@ class _HboneConnection:
     def __init__(self, *, client_side: bool, settings: HboneSettings, limits: AbuseLimits) -> None:
         self.settings = settings
         config = h2.config.H2Configuration(client_side=client_side, header_encoding=None)
-        conn = h2.connection.H2Connection(config=config)
+        conn = _GuardedH2Connection(config, self._guard)
         conn.local_settings = h2.settings.Settings(
             client=client_side,
             initial_values={
@@ -173,6 +214,10 @@ class _HboneConnection:
         self._remote_ended: set[int] = set()
         self._resets = _TokenBucket(limits.reset_burst, limits.reset_rate, limits.reset_burst)
         self._control = _TokenBucket(limits.control_burst, limits.control_rate, limits.control_burst)
+        self._limits = limits
+        self._data_frames_sent = 0
+        self._window_updates = 0
+        self._now = 0.0
         self.closed: ConnectionClosed | None = None
 
     # -- bytes in / out ---------------------------------------------------------------------------
@@ -185,8 +230,11 @@ class _HboneConnection:
         GOAWAY (queued in `data_to_send`) and a final `ConnectionClosed` event."""
         if self.closed is not None:
             return []
+        self._now = now
         try:
             h2_events = self._h2.receive_data(data)
+        except _OverBudget as exc:
+            return [self._goaway(ErrorCodes.ENHANCE_YOUR_CALM, exc.reason)]
         except _PROTOCOL_ERRORS as exc:
             code = getattr(exc, "error_code", None) or ErrorCodes.PROTOCOL_ERROR
             return [self._goaway(int(code), f"protocol error: {exc}")]
@@ -280,6 +328,7 @@ class _HboneConnection:
                 out.size -= len(chunk)
                 last = out.end_pending and not out.chunks
                 conn.send_data(stream_id, chunk, end_stream=last)
+                self._data_frames_sent += 1
                 if last:
                     self._sent_end(stream_id)
                     return True
@@ -309,6 +358,37 @@ class _HboneConnection:
                     out.was_blocked = False
                     events.append(StreamDrained(sid))
 
+    def _guard(self, frame: Frame) -> None:
+        """Security.md §1d budgets, per received frame (see `_GuardedH2Connection`): RST_STREAM
+        (rapid reset); SETTINGS, PING, PRIORITY and unknown frames (control floods); DATA frames
+        carrying nothing (Envoy's `max_consecutive_inbound_frames_with_empty_payload`); and
+        WINDOW_UPDATE beyond what the DATA we sent can justify (Envoy's
+        `max_inbound_window_update_frames_per_data_frame_sent`)."""
+        if isinstance(frame, RstStreamFrame):
+            bucket, what = self._resets, "stream resets"
+        elif isinstance(frame, SettingsFrame | PingFrame):
+            if "ACK" in frame.flags:
+                return
+            bucket = self._control
+            what = "SETTINGS frames" if isinstance(frame, SettingsFrame) else "PING frames"
+        elif isinstance(frame, PriorityFrame | ExtensionFrame):
+            bucket, what = self._control, "control frames"
+        elif isinstance(frame, DataFrame):
+            if frame.data or "END_STREAM" in frame.flags:
+                return
+            bucket, what = self._control, "empty DATA frames"
+        elif isinstance(frame, WindowUpdateFrame):
+            self._window_updates += 1
+            lim = self._limits
+            allowed = lim.window_update_burst + lim.window_updates_per_data_frame * self._data_frames_sent
+            if self._window_updates > allowed:
+                raise _OverBudget("too many WINDOW_UPDATE frames")
+            return
+        else:
+            return
+        if not bucket.take(self._now):
+            raise _OverBudget(f"too many {what}")
+
     def _over_budget(self, bucket: _TokenBucket, now: float, what: str) -> bool:
         if bucket.take(now):
             return False
@@ -333,20 +413,14 @@ class _HboneConnection:
         elif isinstance(ev, h2.events.StreamReset):
             known = self._out.pop(ev.stream_id, None) is not None
             self._remote_ended.discard(ev.stream_id)
-            if ev.remote_reset and self._over_budget(self._resets, now, "stream resets"):
-                return
             if known:
                 events.append(StreamReset(ev.stream_id, int(ev.error_code or 0), bool(ev.remote_reset)))
         elif isinstance(ev, h2.events.WindowUpdated):
             self._flush_all(events)
         elif isinstance(ev, h2.events.RemoteSettingsChanged):
-            if self._over_budget(self._control, now, "SETTINGS frames"):
-                return
             max_streams = self._h2.remote_settings.max_concurrent_streams
             events.append(PeerSettingsChanged(int(max_streams)))
             self._flush_all(events)
-        elif isinstance(ev, _CONTROL_EVENTS):
-            self._over_budget(self._control, now, "control frames")
         elif isinstance(ev, h2.events.PingAckReceived):
             events.append(PingAcknowledged(bytes(ev.ping_data or b"")))
         elif isinstance(ev, h2.events.ConnectionTerminated):
@@ -396,6 +470,12 @@ class HboneServerConnection(_HboneConnection):
             return
         if not ok:
             self._forget(stream_id)
+            # RFC 9113 §8.1: a complete early response may be followed by RST_STREAM(NO_ERROR) so
+            # the peer stops sending; it also frees the concurrency slot, which a peer that never
+            # half-closes refused streams would otherwise fill (200 refusals → PROTOCOL_ERROR).
+            if not self._h2_local_closed(stream_id):
+                with contextlib.suppress(*_PROTOCOL_ERRORS):
+                    self._h2.reset_stream(stream_id, ErrorCodes.NO_ERROR)
 
     def reject(self, stream_id: int, status: int, reason: str) -> None:
         """Refuse a stream with `status`; `reason` is for the shell's log (ztunnel sends no body)."""

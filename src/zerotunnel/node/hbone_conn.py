@@ -21,6 +21,7 @@ import errno
 import logging
 import socket
 import ssl
+import threading
 from collections.abc import Callable
 from typing import Protocol, TypeVar, cast
 
@@ -44,6 +45,23 @@ P = TypeVar("P", bound=asyncio.BaseProtocol)
 READ_SIZE = 256 * 1024
 PACKET_MARK = 0x539  # spec/istio-ambient.md §2.2: the proxy's own sockets skip in-pod capture
 HANDSHAKE_TIMEOUT = 10.0
+
+
+class _ReadBuffer(threading.local):
+    """One 256 KiB decrypt buffer per thread, shared by every connection of that thread's loop.
+
+    `_read_tls` copies what it decrypted out (`tobytes`) before any event is dispatched, so no
+    connection ever holds it across a callback. A buffer per connection made each accepted socket
+    cost 260 KiB of resident memory before its TLS handshake even started: 1,000 silent sockets took
+    260 MiB (tests/reliability/test_floods.py, security.md §4 item 15).
+    """
+
+    def __init__(self) -> None:
+        self.buf = bytearray(READ_SIZE)
+        self.view = memoryview(self.buf)
+
+
+_READ_BUFFER = _ReadBuffer()
 
 
 def tune_socket(sock: socket.socket | None, *, mark: bool = False) -> None:
@@ -219,8 +237,6 @@ class HboneConnectionProtocol(asyncio.Protocol):
         self.peer_addr: tuple[str, int] | None = None
         self._write_paused = False
         self.close_reason: str | None = None
-        self._read_buf = bytearray(READ_SIZE)
-        self._read_view = memoryview(self._read_buf)
 
     # -- hooks for subclasses -------------------------------------------------------------------
 
@@ -334,7 +350,7 @@ class HboneConnectionProtocol(asyncio.Protocol):
         """Decrypt everything buffered and hand it to h2 in one piece. `SSLObject.read` returns at
         most one 16 KiB record per call; feeding h2 per record made its frame buffer re-copy a
         1 MiB DATA frame 64 times (the top hot spot of the first profile)."""
-        view = self._read_view
+        view = _READ_BUFFER.view
         filled = 0
         eof: str | None = None
         while filled < READ_SIZE:

@@ -26,6 +26,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import cast
 
 from zerotunnel.errors import ZerotunnelError
 from zerotunnel.hbone.authority import HboneAuthority
@@ -137,6 +138,8 @@ class HboneServer:
         limits: AbuseLimits | None = None,
         handshake_timeout: float = 10.0,
         waypoint: bool = False,
+        max_connections: int = 4096,
+        max_pending_handshakes: int = 256,
     ) -> None:
         self.credentials = credentials
         self.waypoint = waypoint
@@ -152,6 +155,16 @@ class HboneServer:
         self.settings = settings
         self.limits = limits or AbuseLimits()
         self.handshake_timeout = handshake_timeout
+        self.max_connections = max_connections
+        """Security.md rule 12 / §3 "connection limits" (Envoy's listener limit, ghostunnel's
+        `--max-concurrent-conns`): sockets beyond this many open ones are reset at accept."""
+        self.max_pending_handshakes = max_pending_handshakes
+        """Sockets still in their TLS handshake (unauthenticated, security.md §4 item 15): a flood
+        of silent or slow clients is capped here and reaped by `handshake_timeout`, so it can
+        neither exhaust memory nor grow without bound before the timeout fires."""
+        self.open_sockets = 0
+        self.pending_handshakes = 0
+        self.refused_sockets = 0
         self._ctx = server_context(credentials)
         self.metrics.set_cert_expiry(str(credentials.identity), credentials.not_after)
         self._server: asyncio.Server | None = None
@@ -273,6 +286,8 @@ class HboneServer:
         workload: LocalWorkload | None = None
         relay: TcpRelay | None = None
         try:
+            if stream.done:  # reset before this task ran (rapid reset): no upstream dial for it
+                raise InboundRejected("stream reset before the upstream connect", status=0)
             if self._draining:  # h2 cannot send a graceful GOAWAY and keep streams; refuse new ones
                 raise InboundRejected(DRAIN, status=503)
             workload = self.local_workload(landed[0])
@@ -370,6 +385,18 @@ class HboneServer:
         self.metrics.connection_failed_early(self._labels(record, peer, None, {}, "-"))
         self.access_log.complete(record)
 
+    def admit(self) -> bool:
+        """A socket was accepted: count it, or refuse it when a cap is reached (metric only, no
+        access-log line, so a flood cannot turn into a log flood)."""
+        full = self.open_sockets >= self.max_connections
+        if full or self.pending_handshakes >= self.max_pending_handshakes:
+            self.refused_sockets += 1
+            self.metrics.handshake_failed("inbound", "overload")
+            return False
+        self.open_sockets += 1
+        self.pending_handshakes += 1
+        return True
+
     def handshake_failed(self, conn: _ServerConnection, reason: str, label: str) -> None:
         self.metrics.handshake_failed("inbound", label)
         record = ConnectionRecord(direction="inbound", src_addr=conn.peer_addr, dst_addr=conn.local_addr,
@@ -387,14 +414,38 @@ class _ServerConnection(HboneConnectionProtocol):
         self.server = server
         self.h2 = HboneServerConnection(settings=server.settings, limits=server.limits)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._admitted = False
+        self._handshaking = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self.server.admit():
+            self.closed = True
+            cast(asyncio.Transport, transport).abort()  # uvloop transports are duck-typed alike
+            return
+        self._admitted = self._handshaking = True
+        super().connection_made(transport)
+
+    def _handshake_over(self) -> None:
+        if self._handshaking:
+            self._handshaking = False
+            self.server.pending_handshakes -= 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._handshake_over()
+        if self._admitted:
+            self._admitted = False
+            self.server.open_sockets -= 1
 
     def verify(self, ssl_object: ssl.SSLObject) -> VerifiedPeer:
         return verify_client_peer(ssl_object, self.server.credentials, self.server.clock())
 
     def established(self) -> None:
+        self._handshake_over()
         self.server.connections.add(self)
 
     def handshake_failed(self, reason: str, label: str, flag: str) -> None:
+        self._handshake_over()
         self.server.handshake_failed(self, reason, label)
 
     def role_event(self, event: Event) -> None:
