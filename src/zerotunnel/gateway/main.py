@@ -1,0 +1,180 @@
+"""`zerotunnel gateway`: wire the ingress gateway to its configuration, CA and addresses, then run.
+
+As the node proxy and the waypoint: configuration from files (reloaded on change; a bad Secret keeps
+the last good TLS configuration of its server, issue 7 "Certificates and secrets reload without a
+restart"), addresses from the runner's JSON file, the gateway's own mesh certificate from the local
+CA (refreshed at half-life). SIGTERM stops accepting and closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import watchfiles
+
+from zerotunnel.config import Config
+from zerotunnel.control.watch import FileConfigSource
+from zerotunnel.errors import InputError
+from zerotunnel.gateway.config import gateway_identity, selected_gateways
+from zerotunnel.gateway.server import IngressGateway
+from zerotunnel.identity.spiffe import SpiffeId
+from zerotunnel.mesh.build import Addresses
+from zerotunnel.node import admin
+from zerotunnel.node.certs import CertificateManager, LocalCaClient
+from zerotunnel.node.main import read_addresses
+from zerotunnel.waypoint.telemetry import RequestTelemetry
+
+log = logging.getLogger("zerotunnel.gateway")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayOptions:
+    config_paths: tuple[Path, ...]
+    ca_dir: Path
+    gateway: str | None = None
+    addresses: Path | None = None
+    listen_host: str = "0.0.0.0"  # noqa: S104 - the ingress gateway serves outside clients
+    metrics: tuple[str, int] | None = ("0.0.0.0", 15020)  # noqa: S104 - Prometheus scrapes from outside
+    readiness: tuple[str, int] | None = ("0.0.0.0", 15021)  # noqa: S104 - probed from outside
+
+
+def parse_gateway(value: str | None) -> str | None:
+    if value is None:
+        return None
+    ns, sep, name = value.partition("/")
+    if not sep or not ns or not name or "/" in name:
+        raise InputError(f"--gateway: expected NAMESPACE/NAME, got {value!r}")
+    return value
+
+
+def identity_for(config: Config, gateway: str | None) -> SpiffeId:
+    gateways = selected_gateways(config, gateway)
+    if not gateways:
+        which = f"Gateway {gateway}" if gateway else "any networking.istio.io Gateway"
+        raise InputError(f"the configuration has no {which}")
+    return SpiffeId.parse(gateway_identity(config, gateways[0]))
+
+
+class GatewayRunner:
+    def __init__(self, options: GatewayOptions) -> None:
+        self.options = options
+        self.source = FileConfigSource(options.config_paths)
+        self.stop = asyncio.Event()
+        self.config: Config = self.source.load().config
+        self.addresses: Addresses = read_addresses(options.addresses)
+        self.identity = identity_for(self.config, options.gateway)
+        mesh = self.config.mesh
+        self.certs = CertificateManager(
+            LocalCaClient(options.ca_dir),
+            ttl=mesh.workload_cert_ttl,
+            trust_domain_aliases=mesh.trust_domain_aliases,
+        )
+        self.telemetry = RequestTelemetry("source", sink=lambda line: print(line, flush=True))
+        self.gateway: IngressGateway | None = None
+
+    async def _apply(self) -> None:
+        assert self.gateway is not None
+        errors = self.gateway.apply(self.config, self.addresses)
+        await self.gateway.start()
+        log.info(
+            "gateway configuration applied (%d server port(s), %d error(s))",
+            len(self.gateway.ports),
+            len(errors),
+        )
+
+    async def _on_config(self, config: Config, _version: int) -> None:
+        self.config = config
+        await self._apply()
+
+    async def _on_error(self, error: InputError) -> None:
+        log.error("configuration change rejected; the last good configuration stays in force: %s", error)
+
+    async def _watch_addresses(self) -> None:
+        path = self.options.addresses
+        if path is None:
+            return
+        async for _ in watchfiles.awatch(
+            path.parent,
+            stop_event=self.stop,
+            debounce=100,
+            step=20,
+            watch_filter=lambda _c, p: Path(p).name == path.name,
+        ):
+            try:
+                addresses = read_addresses(path)
+            except InputError as exc:
+                log.error("%s; keeping the previous addresses", exc)
+                continue
+            if addresses != self.addresses:
+                self.addresses = addresses
+                await self._apply()
+
+    def _metrics(self, _method: str, path: str) -> admin.Response:
+        if path not in ("/metrics", "/stats/prometheus") or self.gateway is None:
+            return 404, "text/plain", b"not found\n"
+        return 200, "text/plain; version=0.0.4", self.telemetry.render() + self.gateway.metrics.render()
+
+    def _ready(self, _method: str, path: str) -> admin.Response:
+        if path != "/healthz/ready":
+            return 404, "text/plain", b"not found\n"
+        ready = self.gateway is not None and bool(self.gateway.servers)
+        return (200, "text/plain", b"ready\n") if ready else (503, "text/plain", b"not ready\n")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        credentials = await self.certs.acquire(self.identity)
+        self.gateway = IngressGateway(
+            credentials,
+            gateway=self.options.gateway,
+            listen_host=self.options.listen_host,
+            telemetry=self.telemetry,
+        )
+        self.certs.on_update(self.gateway.update_credentials)
+        await self._apply()
+        servers = []
+        if self.options.metrics is not None:
+            servers.append(await admin.serve(self._metrics, *self.options.metrics))
+        if self.options.readiness is not None:
+            servers.append(await admin.serve(self._ready, *self.options.readiness))
+        tasks = [
+            loop.create_task(self.source.watch(self._on_config, self._on_error, self.stop)),
+            loop.create_task(self._watch_addresses()),
+        ]
+        log.info(
+            "ingress gateway (%s) ready on ports %s",
+            self.identity,
+            ", ".join(str(p) for p in sorted(self.gateway.servers)),
+        )
+        await self.stop.wait()
+        for server in servers:
+            server.close()
+        await self.gateway.close()
+        await self.certs.close()
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def run(options: GatewayOptions) -> None:
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    async def main() -> None:
+        await GatewayRunner(options).run()
+
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional (DESIGN.md §5)
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
