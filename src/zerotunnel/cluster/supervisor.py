@@ -450,22 +450,28 @@ class Supervisor:
             pp = self.plan.pod(want.namespace, want.name)
             self.pods[want.uid] = PodRun(want, str(pp.ip), pp.netns)
         runs = list(self.pods.values())
-        await asyncio.gather(*(asyncio.to_thread(self._prepare_pod_network, r.want) for r in runs))
-        ambient = sum(r.want.ambient for r in runs)
-        self.event(f"capture installed in {ambient} ambient pod(s), "
-                   f"service DNAT in {len(runs) - ambient} other(s)")
+        # Node proxies start first (their Python start-up is the longest step); meanwhile capture and
+        # DNAT are installed and the pods outside the mesh, which need no node proxy, are started.
         if self.proxies:
             for node in d.nodes:
                 m = Managed(self._node_spec(node), self.changed, self._on_node_start(node))
                 self.nodes[node] = m
                 m.start()
             self.event(f"starting {len(d.nodes)} node proxy(ies)")
+        await asyncio.gather(*(asyncio.to_thread(self._prepare_pod_network, r.want) for r in runs))
+        ambient = [r for r in runs if r.want.ambient]
+        self.event(f"capture installed in {len(ambient)} ambient pod(s), "
+                   f"service DNAT in {len(runs) - len(ambient)} other(s)")
+        for r in runs:
+            if not r.want.ambient:
+                await self._start_pod(r)
+        if self.proxies:
             await asyncio.gather(*(self._wait_node_ready(n, m) for n, m in self.nodes.items()))
             for n in self.nodes:
                 self.node_ready[n] = True
             self.event("node proxies ready: " + ", ".join(d.nodes))
         try:
-            await asyncio.gather(*(self._start_pod(r) for r in self.pods.values()))
+            await asyncio.gather(*(self._start_pod(r) for r in ambient))
         except podapi.PodApiError as exc:
             raise StartupError(exc.message) from exc
         self.event(f"started {len(self.pods)} pod(s)")
