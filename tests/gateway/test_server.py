@@ -4,6 +4,7 @@ secrets reloaded without a restart, and the path through the destination's waypo
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from pathlib import Path
@@ -18,6 +19,9 @@ from tests.gateway.conftest import (
     start_gateway_mesh,
 )
 from tests.waypoint.conftest import Pki
+from zerotunnel.policy.decision import Decision
+
+ALLOW_DECISION = Decision(True, None, None, "allowed", 200)
 
 
 def _echo(body: str) -> dict[str, object]:
@@ -166,3 +170,78 @@ async def test_through_waypoint_l7_policy_on_external_identity(
         assert {x["src_identity"] for x in wp_logs} == {gateway_spiffe()}
     finally:
         await m.close()
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "seed"
+
+
+async def test_seed_example_external_clients(pki: Pki, tmp_path: Path) -> None:
+    """examples/seed/gateway as shipped: partner-a's and partner-b's clients reach app-a, the stranger's
+    (unknown CA) and the revoked client are refused."""
+    import random
+
+    from zerotunnel.config import load
+    from zerotunnel.demoapp import start_demo_app
+    from zerotunnel.gateway.server import IngressGateway
+    from zerotunnel.mesh.build import Addresses
+    from zerotunnel.node.hbone_server import HboneServer, LocalWorkload
+    from zerotunnel.waypoint.telemetry import RequestTelemetry
+
+    files = [EXAMPLE / "mesh.yaml", EXAMPLE / "gateway" / "gateway.yaml", EXAMPLE / "gateway" / "secret.yaml"]
+    config = load([(str(p), p.read_text()) for p in files])
+    net = f"127.{random.randint(100, 250)}.{random.randint(1, 250)}"
+    app_ip, gw_ip = f"{net}.2", f"{net}.9"
+    addresses = Addresses(
+        pod_ips={"namespace-a/app-a": app_ip}, service_vips={"namespace-a/app-a": "10.96.0.10"}
+    )
+    app = await start_demo_app(app_ip, 8080, "app-a")
+    dest = pki.creds("namespace-a", "service-account-a")
+    destination = HboneServer(
+        dest,
+        authorize=lambda _r: ALLOW_DECISION,
+        local_workload=lambda _ip: LocalWorkload("app-a", "namespace-a", dest.identity),
+    )
+    await destination.start(app_ip, 15008)
+    lines: list[str] = []
+    gateway = IngressGateway(
+        pki.creds("istio-system", "istio-ingressgateway-service-account"),
+        gateway="istio-system/app-a-gateway",
+        listen_host=gw_ip,
+        telemetry=RequestTelemetry("source", sink=lines.append),
+        mark=False,
+    )
+    assert gateway.apply(config, addresses) == []
+    await gateway.start()
+    try:
+        results = {}
+        for name in ("partner-a", "partner-b", "stranger", "revoked"):
+            proc = await asyncio.create_subprocess_exec(
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                "--cacert",
+                str(EXAMPLE / "gateway" / "server-ca.crt"),
+                "--cert",
+                str(EXAMPLE / "gateway" / "clients" / f"{name}.crt"),
+                "--key",
+                str(EXAMPLE / "gateway" / "clients" / f"{name}.key"),
+                "--resolve",
+                f"app-a.example.com:443:{gw_ip}",
+                "https://app-a.example.com/data",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, _ = await proc.communicate()
+            results[name] = (proc.returncode, json.loads(out)["name"] if proc.returncode == 0 else None)
+        assert results == {
+            "partner-a": (0, "app-a"),
+            "partner-b": (0, "app-a"),
+            "stranger": (results["stranger"][0], None),
+            "revoked": (results["revoked"][0], None),
+        }
+        assert results["stranger"][0] != 0 and results["revoked"][0] != 0
+    finally:
+        await gateway.close()
+        await destination.close(0)
+        await app.close()
