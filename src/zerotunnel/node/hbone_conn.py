@@ -366,6 +366,10 @@ class HboneConnectionProtocol(asyncio.Protocol):
                 return
             n = got if isinstance(got, int) else len(got)
             if not n:
+                # CPython returns 0 rather than raising SSLZeroReturnError once the peer's
+                # close_notify arrived; missing it left the socket open until the peer's own
+                # shutdown timeout (30 s for asyncio clients; tests/reliability/test_floods.py).
+                eof = "peer closed the TLS session"
                 break
             filled += n
         if filled:
