@@ -113,8 +113,14 @@ spec:
         logs = run(env, "logs", *name, "web")
         assert logs.returncode == 0 and "GET /x 200" in logs.stdout
         assert "ready" in run(env, "logs", *name, "control").stdout
+        # logs -f follows new lines, and ends when the cluster goes down
+        follow = subprocess.Popen([ZT, "logs", *name, "-f", "web"], stdout=subprocess.PIPE, text=True,
+                                  env=env)
+        run(env, "exec", *name, "shell", "--", "curl", "-s", f"http://127.0.0.1:{port}/followed")
     finally:
         down = run(env, "down", *name)
+    followed, _ = follow.communicate(timeout=15)
+    assert "GET /x 200" in followed and "GET /followed 200" in followed
     assert down.returncode == 0 and "removed" in down.stderr
     assert not (tmp_path / "state" / name[1]).exists()
     second = run(env, "down", *name)

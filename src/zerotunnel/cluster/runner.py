@@ -72,23 +72,29 @@ class UpResult:
     seconds: float
 
 
-def spawn_supervisor(cdir: ClusterDir) -> None:
+def spawn_supervisor(cdir: ClusterDir) -> int:
     """Start `python -m zerotunnel.cluster.supervisor` as a daemon: fork, setsid, fork, exec.
 
     The first child leads a new session and exits at once, so the daemon (its child) is adopted
     by init, can never reacquire a controlling terminal, and is not in the caller's process group
-    (a Ctrl-C on `up` does not reach it). Its stdout/stderr go to logs/control.log.
+    (a Ctrl-C on `up` does not reach it). Its stdout/stderr go to logs/control.log. Returns the
+    daemon's pid (passed back through a pipe), so `up` can tell a slow start from a dead daemon.
     """
     argv = [sys.executable, "-m", "zerotunnel.cluster.supervisor", "--state", str(cdir.root)]
     log_path = cdir.control_log
     sys.stdout.flush()
     sys.stderr.flush()
+    rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # first child
         try:
+            os.close(rfd)
             os.setsid()
-            if os.fork() != 0:
+            daemon = os.fork()
+            if daemon != 0:
+                os.write(wfd, str(daemon).encode())
                 os._exit(0)
+            os.close(wfd)
             devnull = os.open(os.devnull, os.O_RDONLY)
             out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             os.dup2(devnull, 0)
@@ -98,9 +104,18 @@ def spawn_supervisor(cdir: ClusterDir) -> None:
             os.chdir(cdir.root)
             os.umask(0o022)
             os.execv(argv[0], argv)  # noqa: S606 - our own interpreter and module
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.write(2, f"zerotunnel: cannot start the supervisor: {exc!r}\n".encode())
         finally:
             os._exit(127)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as pipe:
+        text = pipe.read().decode()
     os.waitpid(pid, 0)
+    if not text.isdigit():
+        raise ClusterError("could not start the supervisor daemon (fork failed)")
+    return int(text)
 
 
 def _cleanup(cdir: ClusterDir, progress: Progress | None = None) -> list[str]:
@@ -155,9 +170,9 @@ def up(
     cdir.create()
     write_json(cdir.cluster_file, {"cluster": cluster, "paths": absolute, "netns": netns,
                                    "proxies": proxies, "ready_timeout": timeout})
-    spawn_supervisor(cdir)
-    say(f"supervisor started (state in {cdir.root})")
-    status = follow_until_settled(cdir, timeout + 15.0, say)
+    daemon = spawn_supervisor(cdir)
+    say(f"supervisor started (pid {daemon}, state in {cdir.root})")
+    status = follow_until_settled(cdir, timeout + 15.0, say, daemon)
     if status.get("phase") != PHASE_READY:
         reason = status.get("reason") or "the supervisor stopped without saying why"
         logs = _failure_logs(cdir, status)
@@ -178,11 +193,10 @@ def _failure_logs(cdir: ClusterDir, status: dict[str, Any]) -> str:
     return "control log:\n" + "\n".join(lines)
 
 
-def follow_until_settled(cdir: ClusterDir, timeout: float, say: Progress) -> dict[str, Any]:
+def follow_until_settled(cdir: ClusterDir, timeout: float, say: Progress, daemon: int) -> dict[str, Any]:
     """Print the supervisor's events as they come; return the status once ready/failed/stopped."""
     shown = 0
     deadline = time.monotonic() + timeout
-    seen_supervisor = False
     status: dict[str, Any] = {}
     while True:
         status = cdir.status() or status
@@ -193,10 +207,7 @@ def follow_until_settled(cdir: ClusterDir, timeout: float, say: Progress) -> dic
         phase = status.get("phase")
         if phase in (PHASE_READY, PHASE_FAILED, PHASE_STOPPED):
             return status
-        pid = cdir.supervisor_pid()
-        if pid is not None:
-            seen_supervisor = True
-        elif seen_supervisor or time.monotonic() > deadline - timeout + 5.0:
+        if not pid_alive(daemon):
             # the daemon is gone without a final status: it crashed
             final = cdir.status() or status
             if final.get("phase") in (PHASE_READY, PHASE_FAILED, PHASE_STOPPED):
@@ -239,7 +250,8 @@ def down(cluster: str, *, state_root: Path | None = None, progress: Progress | N
     say = progress or (lambda _m: None)
     cdir = ClusterDir.for_cluster(cluster, state_root)
     settings = cdir.settings() or {}
-    if settings.get("netns", True) and not is_root() and (cdir.exists() or network.list_clusters()):
+    ours = cdir.exists() or cluster in network.list_clusters()
+    if settings.get("netns", True) and not is_root() and ours:
         raise InputError(needs_root_message("zerotunnel down"))
     removed: list[str] = []
     if stop_supervisor(cdir):
