@@ -128,7 +128,9 @@ class Mesh:
     config_dir: Path
     ca_dir: Path
     logs: dict[str, Path]
-    procs: list[subprocess.Popen[bytes]]
+    procs: dict[str, subprocess.Popen[bytes]]
+    mode: str
+    tmp: Path
 
     def pod_ip(self, ns: str, name: str) -> str:
         return str(self.plan.pod(ns, name).ip)
@@ -208,8 +210,69 @@ def _wait_for(path: Path, timeout: float = 20) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+
+
+def _start_control_plane(plan: NetworkPlan, tmp: Path, config_dir: Path) -> subprocess.Popen[bytes]:
+    listen = f"{plan.host_ip}:15012"
+    proc = _spawn(
+        [
+            *ZT,
+            "control",
+            "--config",
+            str(config_dir),
+            "--state-dir",
+            str(tmp / "control"),
+            "--listen",
+            listen,
+            "--metrics-listen",
+            "off",
+        ],
+        tmp / "control.log",
+    )
+    _wait_for(tmp / "control" / "status.json")
+    return proc
+
+
+def _node_command(mode: str, plan: NetworkPlan, node: str, tmp: Path, config_dir: Path) -> list[str]:
+    common = [
+        "--addresses",
+        str(tmp / "addresses.json"),
+        "--pod-api",
+        str(tmp / f"{node}.sock"),
+        "--drain",
+        "0.5",
+    ]
+    prefix = ["ip", "netns", "exec", plan.node(node).netns, *ZT, "node", "--node", node]
+    if mode == "standalone":
+        return [*prefix, "-f", str(config_dir), "--ca-dir", str(tmp / "ca"), *common]
+    token = subprocess.run(
+        [*ZT, "control", "token", "create", "--node", node, "--state-dir", str(tmp / "control")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (tmp / f"{node}.token").write_text(token)
+    return [
+        *prefix,
+        "--control",
+        f"{plan.host_ip}:15012",
+        "--join-token",
+        token,
+        "--ca-root",
+        str(tmp / "control" / "ca" / "root-cert.pem"),
+        "--state-dir",
+        str(tmp / f"{node}-state"),
+        *common,
+    ]
+
+
+@pytest.fixture(scope="module", params=["standalone", "control"])
+def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    """The mesh, once with the node proxies reading files and a local CA (issue 4), once with the
+    control plane as their only source of certificates and configuration (issue 6)."""
+    mode = request.param
     cluster = "n" + uuid.uuid4().hex[:6]
     tmp = tmp_path_factory.mktemp("mesh")
     plan = plan_network(
@@ -220,9 +283,10 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         pod_cidr="10.251.0.0/16",
         node_cidr="10.250.0.0/24",
         service_cidr="10.97.0.0/16",
+        host_access=mode == "control",
     )
     create_network(plan)
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         config_dir = tmp / "config"
         config_dir.mkdir()
@@ -233,7 +297,10 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             "service_vips": {f"{s.namespace}/{s.name}": str(s.vip) for s in plan.services},
         }
         (tmp / "addresses.json").write_text(json.dumps(addresses))
-        init_root(tmp / "ca", "cluster.local", datetime.now(UTC))
+        if mode == "standalone":
+            init_root(tmp / "ca", "cluster.local", datetime.now(UTC))
+        else:
+            procs["control"] = _start_control_plane(plan, tmp, config_dir)
         for pod in plan.pods:
             write_hosts_file(pod.netns, pod_hosts(pod, plan.services))
         for spec in MESH_PODS:
@@ -241,75 +308,48 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         logs: dict[str, Path] = {}
         for node in ("node-1", "node-2"):
             logs[node] = tmp / f"{node}.log"
-            procs.append(
-                subprocess.Popen(
-                    [
-                        "ip",
-                        "netns",
-                        "exec",
-                        plan.node(node).netns,
-                        *ZT,
-                        "node",
-                        "--node",
-                        node,
-                        "-f",
-                        str(config_dir),
-                        "--ca-dir",
-                        str(tmp / "ca"),
-                        "--addresses",
-                        str(tmp / "addresses.json"),
-                        "--pod-api",
-                        str(tmp / f"{node}.sock"),
-                        "--drain",
-                        "0.5",
-                    ],
-                    stdout=logs[node].open("wb"),
-                    stderr=subprocess.STDOUT,
-                )
-            )
+            procs[node] = _spawn(_node_command(mode, plan, node, tmp, config_dir), logs[node])
         for node in ("node-1", "node-2"):
             _wait_for(tmp / f"{node}.sock")
         for spec in MESH_PODS:
             pod = plan.pod(spec.namespace, spec.name)
-            reply = _podapi(
-                tmp / f"{spec.node}.sock",
-                {
-                    "op": "add",
-                    "uid": f"{spec.namespace}/{spec.name}",
-                    "netns": f"/run/netns/{pod.netns}",
-                    "ip": str(pod.ip),
-                },
-            )
-            assert reply == {"ok": True}, reply
+            add = {
+                "op": "add",
+                "uid": f"{spec.namespace}/{spec.name}",
+                "netns": f"/run/netns/{pod.netns}",
+                "ip": str(pod.ip),
+                "workload_api": str(tmp / "spiffe" / f"{spec.name}.sock"),
+            }
+            deadline = time.monotonic() + 20
+            while (reply := _podapi(tmp / f"{spec.node}.sock", add)).get("ok") is not True:
+                assert time.monotonic() < deadline, f"{spec.name}: {reply}"
+                time.sleep(0.2)  # control mode: the first snapshot may still be on its way
         for ns, name in (("namespace-a", "app-a"), ("namespace-a", "app-d")):
-            procs.append(
-                subprocess.Popen(
-                    [
-                        "ip",
-                        "netns",
-                        "exec",
-                        plan.pod(ns, name).netns,
-                        *ZT,
-                        "demo-app",
-                        "--port",
-                        "8080",
-                        "--name",
-                        name,
-                    ],
-                    stdout=(tmp / f"{name}.log").open("wb"),
-                    stderr=subprocess.STDOUT,
-                )
+            procs[name] = _spawn(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    plan.pod(ns, name).netns,
+                    *ZT,
+                    "demo-app",
+                    "--port",
+                    "8080",
+                    "--name",
+                    name,
+                ],
+                tmp / f"{name}.log",
             )
-        m = Mesh(plan, config_dir, tmp / "ca", logs, procs)
+        m = Mesh(plan, config_dir, tmp / "ca", logs, procs, mode, tmp)
         deadline = time.monotonic() + 20
         while m.run_in("namespace-a", "app-a", "curl", "-s", "http://127.0.0.1:8080/healthz").returncode:
             assert time.monotonic() < deadline, "demo-app did not start"
             time.sleep(0.1)
         yield m
     finally:
-        for proc in procs:
+        for proc in procs.values():
             proc.send_signal(signal.SIGTERM)
-        for proc in procs:
+        for proc in procs.values():
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
@@ -414,7 +454,7 @@ def test_forged_hbone_clients_are_refused(mesh: Mesh, tmp_path: Path, kind: str)
     from zerotunnel.control.castore import load_ca
     from zerotunnel.testing.certs import make_bad_svid
 
-    ca = load_ca(mesh.ca_dir, datetime.now(UTC))
+    ca = load_ca(mesh.ca_dir if mesh.mode == "standalone" else mesh.tmp / "control" / "ca", datetime.now(UTC))
     files = _svid_files(tmp_path, kind, make_bad_svid(ca, kind, B_ID))
     result = _probe(mesh, f"{mesh.pod_ip('namespace-a', 'app-a')}:8080", files)
     assert result.startswith("REFUSED"), result
@@ -425,7 +465,7 @@ def test_valid_client_gets_istio_statuses(mesh: Mesh, tmp_path: Path) -> None:
     from zerotunnel.control.castore import load_ca
     from zerotunnel.testing.certs import issue_test_svid
 
-    ca = load_ca(mesh.ca_dir, datetime.now(UTC))
+    ca = load_ca(mesh.ca_dir if mesh.mode == "standalone" else mesh.tmp / "control" / "ca", datetime.now(UTC))
     files = _svid_files(tmp_path, "b", issue_test_svid(ca, B_ID))
     a_ip, d_ip = mesh.pod_ip("namespace-a", "app-a"), mesh.pod_ip("namespace-a", "app-d")
     assert _probe(mesh, f"{d_ip}:8080", files) == "STATUS 400"
@@ -519,7 +559,7 @@ spec: {mtls: {mode: STRICT}}
 
 def test_pod_leaves_and_rejoins(mesh: Mesh) -> None:
     """A removed pod's listeners close (its HBONE port refuses); re-adding it serves it again."""
-    sock = mesh.ca_dir.parent / "node-1.sock"
+    sock = mesh.tmp / "node-1.sock"
     pod = mesh.plan.pod("namespace-a", "app-d")
     d_ip = str(pod.ip)
     listed = _podapi(sock, {"op": "list"})
@@ -539,3 +579,132 @@ def test_pod_leaves_and_rejoins(mesh: Mesh) -> None:
     assert reply == {"ok": True}
     assert mesh.curl("namespace-b", "app-b", f"http://{d_ip}:8080/back").returncode == 0
     assert _podapi(sock, {"op": "bogus"})["ok"] is False
+
+
+def test_pod_gets_its_svid_from_the_workload_api_with_py_spiffe(mesh: Mesh) -> None:
+    """py-spiffe, run inside the pod with only SPIFFE_ENDPOINT_SOCKET set, gets the pod's own SVID."""
+    socket_path = mesh.tmp / "spiffe" / "app-a.sock"
+    code = (
+        "from spiffe import WorkloadApiClient\n"
+        "with WorkloadApiClient() as c:\n"
+        "    svid = c.fetch_x509_svid()\n"
+        "    bundles = c.fetch_x509_bundles()\n"
+        "    print(svid.spiffe_id, len(bundles.bundles))\n"
+    )
+    out = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            mesh.netns("namespace-a", "app-a"),
+            "env",
+            "-i",
+            f"SPIFFE_ENDPOINT_SOCKET=unix://{socket_path}",
+            sys.executable,
+            "-c",
+            code,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [A_ID, "1"]
+
+
+control_only = pytest.mark.parametrize("mesh", ["control"], indirect=True)
+
+
+@control_only
+def test_nodes_hold_no_ca_key_and_tokens_are_single_use(mesh: Mesh) -> None:
+    keys = [p for p in mesh.tmp.rglob("*key*") if "control" not in p.relative_to(mesh.tmp).parts[0]]
+    assert not [p for p in keys if p.name in ("ca-key.pem", "tls.key")], keys
+    token = (mesh.tmp / "node-1.token").read_text()
+    again = subprocess.run(
+        [
+            *ZT,
+            "node",
+            "--node",
+            "node-1",
+            "--control",
+            f"{mesh.plan.host_ip}:15012",
+            "--join-token",
+            token,
+            "--ca-root",
+            str(mesh.tmp / "control" / "ca" / "root-cert.pem"),
+            "--state-dir",
+            str(mesh.tmp / "thief"),
+            "--pod-api",
+            str(mesh.tmp / "thief.sock"),
+            "--admin",
+            "127.0.0.1:25000",
+            "--metrics",
+            "127.0.0.1:25020",
+            "--readiness",
+            "127.0.0.1:25021",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert again.returncode != 0
+    assert "token" in again.stderr.lower() and (
+        "used" in again.stderr.lower() or "refused" in again.stderr.lower()
+    )
+
+
+@control_only
+async def test_ca_refuses_a_node_a_certificate_for_a_pod_on_another_node(mesh: Mesh) -> None:
+    from zerotunnel.control.client import ControlPlaneError, GrpcCaClient
+    from zerotunnel.identity.csr import generate_key, make_csr
+    from zerotunnel.identity.spiffe import SpiffeId
+
+    client = GrpcCaClient(f"{mesh.plan.host_ip}:15012", mesh.tmp / "node-2-state")
+    try:
+        mine = SpiffeId.parse(B_ID)
+        chain = await client.sign(mine, make_csr(mine, generate_key()), None)
+        assert chain.leaf_pem.startswith(b"-----BEGIN CERTIFICATE")
+        theirs = SpiffeId.parse(A_ID)  # app-a runs on node-1
+        with pytest.raises(ControlPlaneError) as err:
+            await client.sign(theirs, make_csr(theirs, generate_key()), None)
+        assert err.value.code == "PERMISSION_DENIED"
+    finally:
+        await client.close()
+
+
+@control_only
+def test_traffic_keeps_flowing_while_the_control_plane_is_down(mesh: Mesh) -> None:
+    """Control plane killed: new connections between known workloads keep working on cached config and
+    certificates; after a restart, nodes resync and config edits apply again."""
+    mesh.procs["control"].kill()
+    mesh.procs["control"].wait(10)
+    failures, sent = 0, 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        sent += 1
+        if mesh.curl("namespace-b", "app-b", "http://app-a.namespace-a/outage").returncode != 0:
+            failures += 1
+        time.sleep(0.2)
+    assert (sent, failures) == (sent, 0) and sent >= 10
+    mesh.procs["control"] = _start_control_plane(mesh.plan, mesh.tmp, mesh.config_dir)
+    deny_b = mesh.config_dir / "deny-b.yaml"
+    deny_b.write_text("""
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-b-after-restart, namespace: namespace-a}
+spec:
+  selector: {matchLabels: {app: app-a}}
+  action: DENY
+  rules: [{from: [{source: {namespaces: ["namespace-b"]}}]}]
+""")
+    try:
+        deadline = time.monotonic() + 20
+        while mesh.curl("namespace-b", "app-b", "http://app-a.namespace-a/resync").returncode == 0:
+            assert time.monotonic() < deadline, "the edit made after the restart never reached node-1"
+            time.sleep(0.3)
+    finally:
+        deny_b.unlink()
+    deadline = time.monotonic() + 20
+    while mesh.curl("namespace-b", "app-b", "http://app-a.namespace-a/back").returncode != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)

@@ -12,19 +12,33 @@ from zerotunnel.errors import InputError
 @click.command("node")
 @click.option("--node", "node_name", required=True, help="Name of the node this proxy serves.")
 @click.option(
+    "--control",
+    metavar="HOST:PORT",
+    help="Control plane CA/xDS address (e.g. 127.0.0.1:15012): certificates and config come from it.",
+)
+@click.option("--join-token", help="One-time token (`zerotunnel control token create`) for the first start.")
+@click.option(
+    "--ca-root",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="The control plane's root certificate, to authenticate it when enrolling.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    help="Where the node identity is kept (default /var/lib/zerotunnel/node-NAME).",
+)
+@click.option(
     "-f",
     "--filename",
     "paths",
     multiple=True,
-    required=True,
     type=click.Path(path_type=Path),
-    help="Configuration files or directories (Istio and Kubernetes YAML); watched for changes.",
+    help="Standalone mode: configuration files or directories (Istio and Kubernetes YAML); watched.",
 )
 @click.option(
     "--ca-dir",
-    required=True,
     type=click.Path(path_type=Path),
-    help="Mesh CA directory (Istio cacerts layout) that signs this node's workload certificates.",
+    help="Standalone mode: mesh CA directory (Istio cacerts layout) that signs workload certificates.",
 )
 @click.option(
     "--addresses",
@@ -63,8 +77,12 @@ from zerotunnel.errors import InputError
 @click.option("--drain", default=5.0, show_default=True, help="Seconds live connections get on SIGTERM.")
 def node(
     node_name: str,
+    control: str | None,
+    join_token: str | None,
+    ca_root: Path | None,
+    state_dir: Path | None,
     paths: tuple[Path, ...],
-    ca_dir: Path,
+    ca_dir: Path | None,
     addresses: Path | None,
     pod_api: Path | None,
     admin_addr: str,
@@ -78,7 +96,13 @@ def node(
     For every pod added (through --pod-api or --pod) it opens 15001 (outbound), 15006 (plaintext
     inbound) and 15008 (HBONE) inside the pod's network namespace, with the pod's own SPIFFE
     certificate. Access-log lines (JSON, one per connection) go to stdout; the log to stderr.
+
+    With --control the node holds no CA key: it enrols with --join-token (once; the identity is kept in
+    --state-dir) and receives certificates and configuration from the control plane. Without it, it
+    runs standalone from -f files and a local --ca-dir.
     """
+    if control is None and (ca_dir is None or not paths):
+        raise InputError("give --control HOST:PORT, or -f PATH and --ca-dir DIR for standalone mode")
     from zerotunnel.node import admin
     from zerotunnel.node.main import NodeOptions, run
 
@@ -95,6 +119,10 @@ def node(
             node=node_name,
             config_paths=paths,
             ca_dir=ca_dir,
+            control=control,
+            join_token=join_token,
+            ca_root=ca_root,
+            state_dir=state_dir,
             addresses=addresses,
             pod_api=pod_api or Path(f"/run/zerotunnel/node-{node_name}.sock"),
             admin=admin_listen,

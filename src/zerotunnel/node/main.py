@@ -1,7 +1,14 @@
 """`zerotunnel node`: wire the node proxy to its configuration, its CA and its endpoints, then run.
 
-Standalone mode (issue 4): configuration from files (`FileConfigSource`, last good config kept), pod
-addresses from a JSON file the local cluster maintains, certificates from a local CA directory. SIGTERM
+Two sources, one proxy:
+- control-plane mode (`--control ADDR`, issue 6): the node holds no CA key. It enrols once with a join
+  token (or reuses the node identity persisted in `--state-dir`), gets pod certificates over the CA API
+  and its configuration as snapshots over the xDS-style stream; a snapshot that fails to apply is NACKed
+  and the last good one stays; when the control plane is away, the cached snapshot and certificates keep
+  serving while the stream reconnects with backoff;
+- standalone mode (`-f PATH --ca-dir DIR`, issue 4): configuration from files (`FileConfigSource`, last
+  good config kept), certificates from a local CA directory.
+Pod addresses come from a JSON file the local cluster maintains (`--addresses`) in both modes. SIGTERM
 drains gracefully: listeners stop, live connections get a grace period, then close.
 """
 
@@ -20,6 +27,7 @@ import watchfiles
 
 from zerotunnel.config import Config
 from zerotunnel.config.model import FrozenMap
+from zerotunnel.control.client import ConfigSubscription, GrpcCaClient, Snapshot, ensure_node_identity
 from zerotunnel.control.watch import FileConfigSource
 from zerotunnel.errors import InputError
 from zerotunnel.mesh.build import Addresses
@@ -35,8 +43,12 @@ log = logging.getLogger("zerotunnel.node")
 @dataclass(frozen=True, slots=True)
 class NodeOptions:
     node: str
-    config_paths: tuple[Path, ...]
-    ca_dir: Path
+    config_paths: tuple[Path, ...] = ()
+    ca_dir: Path | None = None
+    control: str | None = None
+    join_token: str | None = None
+    ca_root: Path | None = None
+    state_dir: Path | None = None
     addresses: Path | None = None
     pod_api: Path | None = None
     admin: tuple[str, int] = ("127.0.0.1", 15000)
@@ -71,26 +83,54 @@ def read_addresses(path: Path | None) -> Addresses:
 class NodeRunner:
     def __init__(self, options: NodeOptions) -> None:
         self.options = options
-        self.source = FileConfigSource(options.config_paths)
         self.stop = asyncio.Event()
         self.config: Config | None = None
-        self.addresses = Addresses()
-        self.version = 0
-        access = AccessLog(sink=lambda line: print(line, flush=True))
-        loaded = self.source.load()
-        self.config = loaded.config
-        mesh = loaded.config.mesh
-        self.certs = CertificateManager(
-            LocalCaClient(options.ca_dir),
-            ttl=mesh.workload_cert_ttl,
-            trust_domain_aliases=mesh.trust_domain_aliases,
-        )
-        self.proxy = NodeProxy(options.node, self.certs, access_log=access)
         self.addresses = read_addresses(options.addresses)
+        self.version = 0
+        self.source: FileConfigSource | None = None
+        self.ca_client: GrpcCaClient | None = None
+        self.subscription: ConfigSubscription | None = None
+        self.access = AccessLog(sink=lambda line: print(line, flush=True))
+        self.certs: CertificateManager
+        self.proxy: NodeProxy
+
+    async def start(self) -> list[asyncio.Task[None]]:
+        """Build the proxy from its source; return the background tasks that keep it current."""
+        loop = asyncio.get_running_loop()
+        options = self.options
+        if options.control is None:
+            if options.ca_dir is None or not options.config_paths:
+                raise InputError("standalone mode needs -f PATH and --ca-dir DIR (or use --control ADDR)")
+            self.source = FileConfigSource(options.config_paths)
+            self.config = self.source.load().config
+            mesh = self.config.mesh
+            self.certs = CertificateManager(
+                LocalCaClient(options.ca_dir),
+                ttl=mesh.workload_cert_ttl,
+                trust_domain_aliases=mesh.trust_domain_aliases,
+            )
+            self.proxy = NodeProxy(options.node, self.certs, access_log=self.access)
+            self._apply()
+            return [loop.create_task(self.source.watch(self._on_config, self._on_error, self.stop))]
+        state_dir = options.state_dir or Path(f"/var/lib/zerotunnel/node-{options.node}")
+        ca_root = options.ca_root.read_bytes() if options.ca_root is not None else None
+        await ensure_node_identity(options.control, state_dir, token=options.join_token, ca_root_pem=ca_root)
+        self.ca_client = GrpcCaClient(options.control, state_dir)
+        self.certs = CertificateManager(self.ca_client)
+        self.proxy = NodeProxy(options.node, self.certs, access_log=self.access)
+        self.subscription = ConfigSubscription(self.ca_client, self._on_snapshot)
+        return [
+            loop.create_task(self.subscription.run(self.stop)),
+            loop.create_task(self.ca_client.maintain(self.stop)),
+        ]
+
+    async def _on_snapshot(self, snapshot: Snapshot) -> None:
+        self.config = snapshot.config
         self._apply()
 
     def _apply(self) -> None:
-        assert self.config is not None
+        if self.config is None:
+            return  # addresses arrived before the first configuration
         self.version += 1
         self.proxy.apply(self.config, self.addresses, self.version)
 
@@ -125,6 +165,8 @@ class NodeRunner:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
+        tasks = await self.start()
+        tasks.append(loop.create_task(self._watch_addresses()))
         endpoints = admin.AdminEndpoints(self.proxy, self.stop.set)
         servers = [
             await admin.serve(endpoints.admin, *self.options.admin),
@@ -135,16 +177,14 @@ class NodeRunner:
             servers.append(await serve_pod_api(self.proxy, self.options.pod_api))
         for uid, netns, ip in self.options.pods:
             await self.proxy.add_pod(uid, netns, ip)
-        tasks = [
-            loop.create_task(self.source.watch(self._on_config, self._on_error, self.stop)),
-            loop.create_task(self._watch_addresses()),
-        ]
         log.info("node proxy %s ready (config version %d)", self.options.node, self.version)
         await self.stop.wait()
         log.info("draining (up to %.0fs)", self.options.drain_seconds)
         for server in servers:
             server.close()
         await self.proxy.close(self.options.drain_seconds)
+        if self.ca_client is not None:
+            await self.ca_client.close()
         for task in tasks:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -4,8 +4,10 @@ istio-ambient.md §2.2: in Istio the CNI node agent hands ztunnel each pod's net
 (`AddWorkload` + the fd, `DelWorkload`, acks). Here the local cluster runner (or any agent) does the
 same with newline-delimited JSON on a stream socket, one request per line, one reply per line:
 
-    {"op": "add", "uid": "ns/name", "netns": "/run/netns/<pod>", "ip": "10.244.1.2"}
-        → {"ok": true} once the pod's listeners are open and its certificate is in hand
+    {"op": "add", "uid": "ns/name", "netns": "/run/netns/<pod>", "ip": "10.244.1.2",
+     "workload_api": "/run/zerotunnel/.../agent.sock"}        (workload_api optional)
+        → {"ok": true[, "spiffe_endpoint_socket": "unix:///…"]} once the pod's listeners are open, its
+          certificate is in hand, and its SPIFFE Workload API (when asked for) is listening
     {"op": "del", "uid": "ns/name"}        → {"ok": true, "removed": true|false}
     {"op": "list"}                         → {"ok": true, "pods": [{uid, ip, identity, ready, cert_expiry}]}
 
@@ -38,8 +40,14 @@ async def _handle(proxy: NodeProxy, request: dict[str, Any]) -> dict[str, Any]:
         if not all(isinstance(v, str) and v for v in (uid, netns, ip)):
             return {"ok": False, "error": "add needs string fields uid, netns and ip"}
         assert isinstance(uid, str) and isinstance(netns, str) and isinstance(ip, str)
-        await proxy.add_pod(uid, netns, ip)
-        return {"ok": True}
+        socket_path = request.get("workload_api")
+        if socket_path is not None and not (isinstance(socket_path, str) and socket_path.startswith("/")):
+            return {"ok": False, "error": "workload_api must be an absolute socket path"}
+        pod = await proxy.add_pod(uid, netns, ip, Path(socket_path) if socket_path else None)
+        reply: dict[str, Any] = {"ok": True}
+        if pod.workload_api is not None:
+            reply["spiffe_endpoint_socket"] = pod.workload_api.endpoint
+        return reply
     if op == "del":
         uid = request.get("uid")
         if not isinstance(uid, str):

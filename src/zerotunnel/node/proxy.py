@@ -21,6 +21,7 @@ import secrets
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, cast
 
 from zerotunnel.config import Config
@@ -45,6 +46,7 @@ from zerotunnel.node.metrics import UNKNOWN, ProxyMetrics, TrafficLabels
 from zerotunnel.node.passthrough import TcpStream, connect_from_netns
 from zerotunnel.node.relay import TcpRelay
 from zerotunnel.node.tls import WorkloadCredentials
+from zerotunnel.node.workload_api import WorkloadApiServer
 from zerotunnel.policy.decision import Decision
 from zerotunnel.policy.engine import Engine
 from zerotunnel.policy.l4 import L4Request
@@ -96,6 +98,7 @@ class PodProxy:
     credentials: WorkloadCredentials
     hbone: HboneServer | None = None
     pool: HbonePool | None = None
+    workload_api: WorkloadApiServer | None = None
     servers: list[asyncio.Server] = field(default_factory=list)
     plaintext: set[_PlainConnection] = field(default_factory=set)
     outbound: set[TcpRelay] = field(default_factory=set)
@@ -127,6 +130,8 @@ class PodProxy:
     async def close(self, grace: float = 5.0) -> None:
         for server in self.servers:
             server.close()
+        if self.workload_api is not None:
+            await self.workload_api.close()
         if self.hbone is not None:
             await self.hbone.close(grace)
         for conn in list(self.plaintext):
@@ -453,8 +458,11 @@ class NodeProxy:
 
     # -- pods -------------------------------------------------------------------------------------
 
-    async def add_pod(self, uid: str, netns: str | os.PathLike[str], ip: str) -> PodProxy:
-        """Serve a pod: certificate first, then its three listeners inside its netns."""
+    async def add_pod(
+        self, uid: str, netns: str | os.PathLike[str], ip: str, workload_api: Path | None = None
+    ) -> PodProxy:
+        """Serve a pod: certificate first, then its three listeners inside its netns, and (when asked)
+        the SPIFFE Workload API on `workload_api`, a Unix socket that serves only this pod's identity."""
         existing = self.pods.get(uid)
         if existing is not None:
             return existing
@@ -480,6 +488,9 @@ class NodeProxy:
         pod = PodProxy(self, uid, handle, ip, identity, credentials)
         try:
             await pod.start()
+            if workload_api is not None:
+                pod.workload_api = WorkloadApiServer(workload_api, identity, self.certs)
+                await pod.workload_api.start()
         except Exception:
             await pod.close(grace=0)
             self.certs.release(identity)
