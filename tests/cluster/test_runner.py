@@ -254,3 +254,34 @@ spec:
     runner.up([str(tmp_path / "bad.yaml")], cluster)
     with pytest.raises(Exception, match="already up"):
         runner.up([str(tmp_path / "bad.yaml")], cluster)
+
+
+def test_seed_through_its_waypoint_enforces_the_l7_rule(cluster: str, tmp_path: Path) -> None:
+    """With namespace-a using the seed's waypoint (the two changes waypoint.yaml names), GET /data is
+    the only thing app-b may do, and the waypoint's 403 is reported as its decision."""
+    if not (SEED / "waypoint.yaml").exists():
+        pytest.fail("examples/seed/waypoint.yaml is gone: update this test")
+    conf = tmp_path / "seed"
+    conf.mkdir()
+    for f in SEED.glob("*.yaml"):
+        shutil.copy(f, conf / f.name)
+    mesh = (conf / "mesh.yaml").read_text()
+    if "istio.io/use-waypoint" not in mesh:
+        mesh = mesh.replace("  name: namespace-a\n  labels:\n",
+                            "  name: namespace-a\n  labels:\n    istio.io/use-waypoint: waypoint\n")
+        (conf / "mesh.yaml").write_text(mesh)
+    pol = (conf / "policies.yaml").read_text()
+    if "sa/waypoint" not in pol:
+        (conf / "policies.yaml").write_text(pol.replace(
+            'principals: ["cluster.local/ns/namespace-b/sa/service-account-b"]',
+            'principals: ["cluster.local/ns/namespace-b/sa/service-account-b", '
+            '"cluster.local/ns/namespace-a/sa/waypoint"]', 1))
+    runner.up([str(conf)], cluster)
+    m = traffic(cluster, "namespace-b/app-b=http://app-a.namespace-a/data",
+                "namespace-b/app-b=http://app-a.namespace-a/other",
+                "namespace-c/app-c=http://app-a.namespace-a/data")
+    assert [(r["decision"], r["http"]) for r in m] == [("ALLOW", "200"), ("DENY", "403"), ("DENY", "403")]
+    assert all(r["enforced_by"] == "waypoint namespace-a/waypoint" for r in m)
+    assert m[0]["reason"] == "allowed by: namespace-a/app-a-allow-get-data"
+    assert m[0]["server_identity"] == "spiffe://cluster.local/ns/namespace-a/sa/service-account-a"
+    assert m[2]["client_identity"] == "spiffe://cluster.local/ns/namespace-c/sa/service-account-c"

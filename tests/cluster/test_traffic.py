@@ -34,10 +34,17 @@ def test_new_records_reads_only_appended_access_lines(tmp_path: Path) -> None:
         f.write(json.dumps(v6) + "\n")
     records = _new_records(sizes)
     assert [(n, r["src.addr"]) for n, r in records] == [
-        ("node-1", "10.0.0.3:4000"), ("node-1", "[fd00::3]:80")]
-    assert _mine(records, "10.0.0.3") == [("node-1", deny)]
-    assert _mine(records, "fd00::3") == [("node-1", v6)]
+        ("node proxy node-1", "10.0.0.3:4000"), ("node proxy node-1", "[fd00::3]:80")]
+    assert _mine(records, "10.0.0.3") == [("node proxy node-1", deny)]
+    assert _mine(records, "fd00::3") == [("node proxy node-1", v6)]
     assert _mine(records, "10.0.0.30") == []
+    wp_log = tmp_path / "pod-ns-a.waypoint.log"
+    wp_log.write_text("")
+    sizes = _log_sizes([wp_log])
+    wp = {"target": "access", "message": "request complete", "src_addr": "10.0.0.3:5000",
+          "response_code": 403}
+    wp_log.write_text(json.dumps(wp) + "\n")
+    assert _mine(_new_records(sizes), "10.0.0.3") == [("waypoint ns-a/waypoint", wp)]
 
 
 def test_render() -> None:

@@ -32,6 +32,7 @@ from zerotunnel.policy.explain import CheckQuery, explain
 
 LOG_WAIT = 3.0
 POLICY_REJECTION = "policy rejection"
+RBAC_DENIED = "RBAC: access denied"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +67,13 @@ def _log_sizes(paths: list[Path]) -> dict[Path, int]:
     return out
 
 
+def _source_label(path: Path) -> str:
+    """`node proxy NODE` for logs/node-NODE.log, `waypoint NS/POD` for logs/pod-NS.POD.log."""
+    if path.stem.startswith("node-"):
+        return f"node proxy {path.stem.removeprefix('node-')}"
+    return "waypoint " + path.stem.removeprefix("pod-").replace(".", "/", 1)
+
+
 def _new_records(sizes: dict[Path, int]) -> list[tuple[str, dict[str, Any]]]:
     """Access-log records appended since `sizes` was taken, with the node whose log had them."""
     out = []
@@ -76,7 +84,7 @@ def _new_records(sizes: dict[Path, int]) -> list[tuple[str, dict[str, Any]]]:
                 data = f.read()
         except OSError:
             continue
-        node = path.stem.removeprefix("node-")
+        node = _source_label(path)
         for line in data.decode(errors="replace").splitlines():
             start = line.find("{")
             if start < 0:
@@ -92,7 +100,7 @@ def _new_records(sizes: dict[Path, int]) -> list[tuple[str, dict[str, Any]]]:
 
 def _mine(records: list[tuple[str, dict[str, Any]]], client_ip: str) -> list[tuple[str, dict[str, Any]]]:
     def src_ip(rec: dict[str, Any]) -> str:
-        addr = str(rec.get("src.addr", ""))
+        addr = str(rec.get("src.addr") or rec.get("src_addr") or "")
         return addr.rsplit(":", 1)[0].strip("[]")
     return [(n, r) for n, r in records if src_ip(r) == client_ip]
 
@@ -102,13 +110,14 @@ def run_case(cluster: str, status: dict[str, Any], client: str, url: str, *, tim
     pod = runner.find_pod(status, pod_name, ns)
     cdir = ClusterDir.for_cluster(cluster)
     logs = [cdir.node_log(n["name"]) for n in status.get("nodes", [])]
+    logs += [cdir.pod_log(p["namespace"], p["name"]) for p in status.get("pods", []) if p.get("waypoint_of")]
     sizes = _log_sizes(logs)
-    curl = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", f"{timeout:g}", url]
+    curl = ["curl", "-s", "-w", "\n%{http_code}", "--max-time", f"{timeout:g}", url]
     name_opt = [] if cluster == DEFAULT_CLUSTER else ["--name", cluster]
     argv = [sys.executable, "-m", "zerotunnel.cli.main", "exec", *name_opt, "-n", ns, pod_name, "--", *curl]
     shown = f"zerotunnel exec -n {ns} {pod_name} -- curl -s {url}"
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30, check=False)
-    code = proc.stdout.strip()[-3:]
+    body, _, code = proc.stdout.rpartition("\n")
     got_response = proc.returncode == 0 and code.isdigit() and code != "000"
     http = f"{code}" if got_response else f"no response (curl exit {proc.returncode})"
     records: list[tuple[str, dict[str, Any]]] = []
@@ -119,24 +128,38 @@ def run_case(cluster: str, status: dict[str, Any], client: str, url: str, *, tim
                 records and any(POLICY_REJECTION in str(r.get("error", "")) for _, r in records)):
             break
         time.sleep(0.05)
+    waypoint = [(n, r) for n, r in records if r.get("message") == "request complete"]
+    records = [(n, r) for n, r in records if (n, r) not in waypoint]
     inbound = [(n, r) for n, r in records if r.get("direction") == "inbound"]
     outbound = [(n, r) for n, r in records if r.get("direction") == "outbound"]
     chosen = inbound[-1] if inbound else (outbound[-1] if outbound else None)
     rec = chosen[1] if chosen else {}
-    client_identity = str(rec.get("src.identity") or (pod.get("identity") if pod.get("ambient") else "")
+    wp = waypoint[-1][1] if waypoint else {}
+    client_identity = str(rec.get("src.identity") or wp.get("src_identity")
+                          or (pod.get("identity") if pod.get("ambient") else "")
                           or "none (plaintext: the client is outside the mesh)")
     known = rec.get("dst.workload") and rec.get("dst.namespace")
     server = f"{rec['dst.namespace']}/{rec['dst.workload']}" if known else (urlsplit(url).hostname or url)
-    server_identity = str(rec.get("dst.identity") or "none (no proxy served the server side)")
+    if wp.get("dst_workload") and wp.get("dst_namespace"):
+        server = f"{wp['dst_namespace']}/{wp['dst_workload']}"
+    server_identity = str(wp.get("dst_identity") or rec.get("dst.identity")
+                          or "none (no proxy served the server side)")
     denial = next((r for _, r in records if POLICY_REJECTION in str(r.get("error", ""))), None)
-    enforced = f"node proxy {chosen[0]} ({rec.get('direction')})" if chosen else "no node proxy saw it"
+    enforced = f"{chosen[0]} ({rec.get('direction')})" if chosen else "no node proxy saw it"
+    if waypoint:
+        enforced = waypoint[-1][0]
     if denial is not None:
         decision, reason = "DENY", str(denial["error"])
-        enforced = next((f"node proxy {n} ({r.get('direction')})" for n, r in records if r is denial),
-                        enforced)
+        enforced = next((f"{n} ({r.get('direction')})" for n, r in records if r is denial), enforced)
+    elif got_response and (wp.get("response_code") in (401, 403) or body.startswith(RBAC_DENIED)):
+        # §6.2: a waypoint denies with 403 `RBAC: access denied` (401 for a missing/invalid JWT)
+        decision = "DENY"
+        reason = str(wp.get("reason") or body.strip() or f"HTTP {code}")
+        if wp.get("policy") and str(wp["policy"]) not in reason:
+            reason += f" (policy {wp['policy']})"
     elif got_response:
         decision = "ALLOW"
-        reason = _explain_allow(status, pod, rec, url)
+        reason = str(wp["reason"]) if wp.get("reason") else _explain_allow(status, pod, rec, url)
     else:
         decision = "ERROR"
         errors = [str(r["error"]) for _, r in records if r.get("error")]
