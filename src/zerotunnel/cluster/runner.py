@@ -172,7 +172,13 @@ def up(
                                    "proxies": proxies, "ready_timeout": timeout})
     daemon = spawn_supervisor(cdir)
     say(f"supervisor started (pid {daemon}, state in {cdir.root})")
-    status = follow_until_settled(cdir, timeout + 15.0, say, daemon)
+    try:
+        status = follow_until_settled(cdir, timeout + 15.0, say, daemon)
+    except KeyboardInterrupt:
+        say("interrupted: stopping the cluster and removing what was built")
+        stop_supervisor(cdir)
+        _cleanup(cdir)
+        raise
     if status.get("phase") != PHASE_READY:
         reason = status.get("reason") or "the supervisor stopped without saying why"
         logs = _failure_logs(cdir, status)
