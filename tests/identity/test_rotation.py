@@ -64,3 +64,16 @@ def test_choose_cert_keeps_valid_never_expired() -> None:
     assert choose_cert([old], T0 + timedelta(hours=5)) is None  # never an expired one
     assert choose_cert([future], T0) is None
     assert choose_cert([], T0) is None
+
+
+def test_next_refresh_is_half_life_for_normal_ttls_and_never_a_tight_loop_for_short_ones() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from zerotunnel.identity.rotation import next_refresh
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    backdate = timedelta(minutes=2)
+    day = next_refresh(now - backdate, now + timedelta(hours=24), now)
+    assert day == now + timedelta(hours=11, minutes=59), "Istio's half-life, backdating included"
+    short = next_refresh(now - backdate, now + timedelta(minutes=2), now)
+    assert short == now + timedelta(minutes=1), "a 2-minute certificate renews after 1 minute, not at once"

@@ -34,6 +34,19 @@ def refresh_at(not_before: datetime, not_after: datetime) -> datetime:
     return not_before + (not_after - not_before) / 2
 
 
+def next_refresh(not_before: datetime, not_after: datetime, fetched_at: datetime) -> datetime:
+    """When to renew a certificate obtained at `fetched_at`: at half-life (ztunnel), unless that moment had
+    already passed when it arrived — then at half of the life it had left.
+
+    Istio backdates NotBefore by 2 minutes (§3.3), so for very short TTLs the half-life has already
+    passed on arrival (a 2-minute certificate's half-life is the moment it is issued) and a plain
+    half-life rule would renew in a tight loop; the floor keeps the renewal rate at one per half of the
+    usable lifetime.
+    """
+    half_life = refresh_at(not_before, not_after)
+    return half_life if half_life > fetched_at else fetched_at + (not_after - fetched_at) / 2
+
+
 def needs_refresh(now: datetime, not_before: datetime, not_after: datetime) -> bool:
     """True at or after half-life, and also before NotBefore (a cert from the future is refreshed now)."""
     return now < not_before or now >= refresh_at(not_before, not_after)

@@ -28,7 +28,7 @@ from zerotunnel.errors import ZerotunnelError
 from zerotunnel.identity.bundle import TrustBundle
 from zerotunnel.identity.ca import CertificateAuthority, IssuedChain
 from zerotunnel.identity.csr import generate_key, make_csr, private_key_pem
-from zerotunnel.identity.rotation import refresh_at, retry_at
+from zerotunnel.identity.rotation import next_refresh, retry_at
 from zerotunnel.identity.spiffe import SpiffeId
 from zerotunnel.node.tls import WorkloadCredentials
 
@@ -86,6 +86,7 @@ class _Entry:
     credentials: WorkloadCredentials | None = None
     not_before: datetime | None = None
     not_after: datetime | None = None
+    refresh_due: datetime | None = None
     failures: int = 0
     last_error: str | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -133,7 +134,7 @@ class CertificateManager:
         recheck_interval: float = 5.0,
     ) -> None:
         self._ca = ca
-        self._ttl = ttl
+        self.ttl = ttl
         self._aliases = trust_domain_aliases
         self._clock = clock
         self._rand = rand
@@ -183,7 +184,7 @@ class CertificateManager:
     def status(self) -> list[CertificateStatus]:
         out = []
         for e in sorted(self._entries.values(), key=lambda e: str(e.identity)):
-            due = refresh_at(e.not_before, e.not_after) if e.not_before and e.not_after else None
+            due = e.refresh_due
             out.append(CertificateStatus(
                 identity=str(e.identity),
                 not_before=e.not_before.isoformat() if e.not_before else None,
@@ -205,7 +206,7 @@ class CertificateManager:
     async def _fetch(self, identity: SpiffeId) -> tuple[WorkloadCredentials, x509.Certificate]:
         key = generate_key("ec-p256")
         async with self._csr_slots:
-            chain = await self._ca.sign(identity, make_csr(identity, key), self._ttl)
+            chain = await self._ca.sign(identity, make_csr(identity, key), self.ttl)
         leaf = x509.load_pem_x509_certificate(chain.leaf_pem)
         creds = credentials_from_chain(identity, chain, private_key_pem(key), self._aliases)
         if creds.identity != identity:
@@ -235,7 +236,8 @@ class CertificateManager:
             log.info("certificate for %s valid until %s", entry.identity, entry.not_after.isoformat())
             for callback in self._subscribers:
                 callback(creds)
-            await self._sleep_until(refresh_at(entry.not_before, entry.not_after))
+            entry.refresh_due = next_refresh(entry.not_before, entry.not_after, self._clock())
+            await self._sleep_until(entry.refresh_due)
 
     async def _sleep_until(self, when: datetime) -> None:
         while (left := (when - self._clock()).total_seconds()) > 0:

@@ -131,6 +131,7 @@ class NodeRunner:
     def _apply(self) -> None:
         if self.config is None:
             return  # addresses arrived before the first configuration
+        self.certs.ttl = self.config.mesh.workload_cert_ttl
         self.version += 1
         self.proxy.apply(self.config, self.addresses, self.version)
 
