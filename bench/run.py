@@ -219,7 +219,7 @@ def render_targets(targets: list[dict[str, Any]]) -> str:
 def render_profile(profile: dict[str, list[tuple[str, float, float]]], top: int = 8) -> str:
     lines = []
     for label, frames in profile.items():
-        lines.append(f"{label} node proxy, top self time (self % / inclusive %):")
+        lines.append(f"{label} node proxy, top self time (self % / inclusive %, py-spy --gil):")
         for frame, own, incl in frames[:top]:
             lines.append(f"  {own:5.1f} / {incl:5.1f}  {frame}")
     return "\n".join(lines)
@@ -301,8 +301,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.profile and "zerotunnel" in tb.systems and shutil.which("wrk"):
             py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
             if Path(py_spy).exists():
-                progress("profiling the zerotunnel node proxies (py-spy) during keep-alive 64")
-                profile = wl.profile(tb, tb.activate("zerotunnel"), 64, args.duration, outdir, py_spy)
+                zt = tb.activate("zerotunnel")
+                for kind, conns, close in (("keep-alive 64", 64, False), ("churn", 16, True)):
+                    progress(f"profiling the zerotunnel node proxies (py-spy) during {kind}")
+                    tops = wl.profile(tb, zt, conns, args.duration, outdir, py_spy, close=close)
+                    profile.update({f"{kind}, {side}": frames for side, frames in tops.items()})
             else:
                 progress("py-spy not installed: no profile (scripts/bench-deps.sh installs it)")
         server = tb.server_kind

@@ -456,9 +456,7 @@ class Testbed:
                 check=False,
                 timeout=10,
             )
-            if out.stdout.strip() == "200" or (
-                self.server_kind == "demo-app" and out.stdout.strip() in {"200", "404"}
-            ):
+            if out.stdout.strip() == "200":
                 return
             if time.monotonic() > deadline:
                 raise BenchError(

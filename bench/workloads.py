@@ -153,9 +153,19 @@ def idle_memory(tb: Testbed, system: System, count: int, settle: float = 2.0) ->
 
 
 def profile(
-    tb: Testbed, system: System, conns: int, duration: float, outdir: Path, py_spy: str
+    tb: Testbed,
+    system: System,
+    conns: int,
+    duration: float,
+    outdir: Path,
+    py_spy: str,
+    *,
+    close: bool = False,
 ) -> dict[str, list[tuple[str, float, float]]]:
-    """py-spy every proxy of `system` during a keep-alive run (issue 8: profile before optimizing).
+    """py-spy every proxy of `system` during a wrk run (issue 8: profile before optimizing).
+
+    `--gil` keeps only samples holding the GIL, so idle waits (epoll, the config watcher's thread)
+    do not dilute the shares; native time inside a C call shows as its calling Python line.
 
     Returns, per proxy, the top functions as (frame, self %, inclusive %). Not part of the figures:
     sampling slows the proxy down.
@@ -163,7 +173,8 @@ def profile(
     spies: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
     secs = max(1, round(duration))
     for label, pid in system.proxy_pids.items():
-        raw = outdir / f"profile-{system.name}-{label.replace(' ', '-')}.txt"
+        kind = "churn" if close else f"keepalive{conns}"
+        raw = outdir / f"profile-{system.name}-{kind}-{label.replace(' ', '-')}.txt"
         spies[label] = (
             subprocess.Popen(
                 [
@@ -188,7 +199,7 @@ def profile(
             raw,
         )
     time.sleep(0.5)
-    wrk(tb, system, conns, duration)
+    wrk(tb, system, conns, duration, close=close)
     tops: dict[str, list[tuple[str, float, float]]] = {}
     for label, (spy, raw) in spies.items():
         _, err = spy.communicate(timeout=60)
