@@ -37,10 +37,15 @@ zerotunnel down >/dev/null 2>&1 || true   # a previous demo left running (e.g. -
 trap cleanup EXIT
 zerotunnel up examples/seed
 
-step "2. traffic matrix: curl http://app-a.namespace-a/data from each client pod"
+# Without a waypoint the node proxies enforce identities only, so app-b may also GET /other; once
+# namespace-a uses the seed's waypoint (istio.io/use-waypoint), the L7 rule (GET /data only) holds.
+other=ALLOW
+grep -q 'istio.io/use-waypoint' examples/seed/mesh.yaml && other=DENY
+step "2. traffic matrix: curl from each client pod to app-a through its service name"
 python -m zerotunnel.cluster.traffic \
   namespace-b/app-b=http://app-a.namespace-a/data --expect ALLOW \
-  namespace-c/app-c=http://app-a.namespace-a/data --expect DENY
+  namespace-c/app-c=http://app-a.namespace-a/data --expect DENY \
+  namespace-b/app-b=http://app-a.namespace-a/other --expect "$other"
 
 step "3. zerotunnel analyze -f examples/seed/mesh.yaml -f examples/seed/l7  (the seed's policy as written)"
 set +e
@@ -54,7 +59,9 @@ fi
 cat >&2 <<'EOF'
 The seed's first policy restricts GET /data: HTTP attributes, which a node proxy cannot see. In ambient
 mode such a rule is dropped, so the policy would deny app-b as well. examples/seed/policies.yaml keeps its
-identity part (enforced above at L4); the method and path need a waypoint (examples/seed/README.md).
+identity part, enforced at L4 by the node proxies; the method and path are enforced only when app-a's
+traffic goes through the waypoint (examples/seed/waypoint.yaml, examples/seed/README.md) — which is why
+app-b's GET /other above is allowed without one.
 EOF
 
 if [ "$keep" -eq 1 ]; then
