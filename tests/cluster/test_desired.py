@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from zerotunnel.cluster.desired import (
     DEFAULT_NODE,
     IDLE_COMMAND,
@@ -198,3 +201,27 @@ spec:
     assert wp is not None and wp.waypoint_of == "shop/wp" and not wp.ambient
     web = d.pod("shop/web")
     assert web is not None and web.waypoint_of is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c", "d", "e"]),
+                          st.sampled_from([None, "n1", "n2", "n3"])),
+                min_size=1, max_size=8, unique_by=lambda t: t[0]),
+       st.lists(st.sampled_from(["n1", "n2", "n3"]), max_size=3, unique=True))
+def test_placement_invariants(pods: list[tuple[str, str | None]], nodes: list[str]) -> None:
+    docs = [f"apiVersion: v1\nkind: Node\nmetadata: {{name: {n}}}\n" for n in nodes]
+    for name, node in pods:
+        spec = f"  nodeName: {node}\n" if node else ""
+        meta = "metadata: {name: " + name + ", namespace: default}\n"
+        docs.append("apiVersion: v1\nkind: Pod\n" + meta + "spec:\n" + spec + "  containers: [{name: c}]\n")
+    cfg = _config("---\n".join(docs))
+    d = desired_state(cfg)
+    named = set(nodes) | {node for _, node in pods if node}
+    assert set(d.nodes) == (named or {DEFAULT_NODE})
+    placed = {p.name: p.node for p in d.pods}
+    assert set(placed) == {name for name, _ in pods}
+    for name, node in pods:
+        assert placed[name] == (node or placed[name]) and placed[name] in d.nodes
+    # a reload keeps every placement
+    again = desired_state(cfg, previous=d)
+    assert {p.name: p.node for p in again.pods} == placed
