@@ -82,11 +82,13 @@ def render_status(status: dict[str, Any]) -> str:
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def up(directory: tuple[str, ...], name: str, no_netns: bool, no_proxies: bool, timeout: float,
        output: str) -> None:
-    """Build a mesh on this host from the YAML in DIRECTORY (files/dirs, as `kubectl apply -f -R`).
+    """Build a mesh on this host from the YAML in DIRECTORY (or files), as `kubectl apply -f DIR`.
 
-    Nodes and pods become network namespaces; ambient pods get in-pod capture and are served by their
-    node's proxy; each pod's command runs in its namespace. Returns when every pod is ready, leaving a
-    supervisor running until `zerotunnel down`.
+    A directory's top-level *.yaml/*.yml/*.json files are read (subdirectories are not, as without
+    `kubectl -R`). Nodes and pods become network namespaces; ambient pods get in-pod capture and are
+    served by their node's proxy; each pod's command runs in its namespace. Returns when every pod is
+    ready, leaving a supervisor running until `zerotunnel down`; it applies edits to the YAML live.
+    State, logs and the supervisor's pid are in /run/zerotunnel/NAME/ ($ZEROTUNNEL_STATE_DIR/NAME/).
     """
     if no_netns:
         click.echo("warning: --no-netns: loopback mode does NOT capture or encrypt traffic, and policies are "
