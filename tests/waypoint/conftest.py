@@ -113,6 +113,9 @@ class Mesh:
     log_lines: list[str]
     app: DemoAppServer
     seen: list[InboundRequest] = field(default_factory=list)
+    """CONNECTs the destination accepted (upstream connections are kept alive: not one per request)."""
+    app_requests: list[str] = field(default_factory=list)
+    """Request lines the demo app served: what actually got through."""
     pools: dict[str, HbonePool] = field(default_factory=dict)
 
     @property
@@ -175,7 +178,8 @@ async def start_mesh(pki: Pki, config: Config, *, jwks: dict[str, str] | None = 
         },
         service_vips={"namespace-a/app-a": VIP},
     )
-    app = await start_demo_app(app_ip, 8080, "app-a")
+    app_requests: list[str] = []
+    app = await start_demo_app(app_ip, 8080, "app-a", log=app_requests.append)
     seen: list[InboundRequest] = []
 
     def authorize(request: InboundRequest) -> Decision:
@@ -206,7 +210,7 @@ async def start_mesh(pki: Pki, config: Config, *, jwks: dict[str, str] | None = 
     waypoint.pool.mark = False
     waypoint.apply(config, addresses, 1)
     await waypoint.start(wp_ip, 15008)
-    return Mesh(pki, config, addresses, waypoint, destination, lines, app, seen)
+    return Mesh(pki, config, addresses, waypoint, destination, lines, app, seen, app_requests)
 
 
 @pytest_asyncio.fixture

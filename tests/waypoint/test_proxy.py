@@ -163,9 +163,9 @@ async def test_l7_matrix(matrix_mesh: Mesh) -> None:
     """Every case through a real tunnel; a request the waypoint denies never reaches app-a."""
     failures = []
     for case, (ns, sa), method, path, host, headers, expected in MATRIX:
-        before = len(matrix_mesh.seen)
+        before = len(matrix_mesh.app_requests)
         response = await matrix_mesh.request(method, path, ns=ns, sa=sa, host=host, headers=headers)
-        reached = len(matrix_mesh.seen) > before
+        reached = len(matrix_mesh.app_requests) > before
         if response.status != expected or reached != (expected == 200):
             failures.append((case, response.status, expected, response.body[:80]))
         if expected == 403:
@@ -269,7 +269,7 @@ spec:
     for path in NORMALIZATION_DENIED:
         response = await m.request("GET", path)
         assert response.status == 403, path
-    assert len(m.seen) == len(NORMALIZATION_ALLOWED)
+    assert len(m.app_requests) == len(NORMALIZATION_ALLOWED)
 
 
 async def test_zero_bypasses(mesh_factory: Any) -> None:

@@ -14,6 +14,7 @@ import pytest_asyncio
 
 from tests.waypoint.conftest import SEED_POLICY, VIP, Mesh, Pki, seed_with_waypoint, start_mesh
 from zerotunnel.node.hbone_client import HboneConnectError
+from zerotunnel.policy.decision import Decision
 from zerotunnel.waypoint.http import StreamChannel
 
 ALLOW_ALL = """
@@ -238,3 +239,18 @@ async def test_metrics_and_access_log(pki: Pki) -> None:
         assert VIP in m.waypoint.binding(VIP).service.vip  # type: ignore[union-attr,operator]
     finally:
         await m.close()
+
+
+async def test_upstream_keepalive_reused_and_recovered(open_mesh: Mesh) -> None:
+    """Upstream HTTP connections are kept alive (one CONNECT for many requests); when the destination
+    closes them (here: a policy change re-check), the next request opens a fresh one."""
+    for _ in range(3):
+        assert (await open_mesh.request("GET", "/k")).status == 200
+    assert len(open_mesh.seen) == 1
+    assert len(open_mesh.app_requests) == 3
+    allow = open_mesh.destination.authorize
+    closed = open_mesh.destination.recheck(lambda _r: Decision(False, None, None, "test", 401))
+    assert closed == 1
+    open_mesh.destination.authorize = allow
+    assert (await open_mesh.request("GET", "/after")).status == 200
+    assert len(open_mesh.seen) == 2

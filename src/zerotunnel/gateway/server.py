@@ -226,6 +226,7 @@ class IngressGateway:
         for server in self.servers.values():
             with contextlib.suppress(Exception):
                 await server.wait_closed()
+        self.forwarder.close_idle()
         await self.pool.close()
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, port: int) -> None:

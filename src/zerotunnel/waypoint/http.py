@@ -252,8 +252,34 @@ def _s(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
     return [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in headers]
 
 
+class StaleConnection(ConnectionResetError):
+    """A reused upstream connection was closed before any byte of the response: safe to retry once on
+    a fresh one (the request cannot have been processed, RFC 9112 §9.3.1)."""
+
+
+class UpstreamHttp:
+    """An HTTP/1.1 client connection over one byte channel, reusable for sequential requests."""
+
+    def __init__(self, channel: ByteChannel) -> None:
+        self.channel = channel
+        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self.uses = 0
+
+    def recycle(self) -> bool:
+        """Ready for the next request (both sides finished cleanly, no `Connection: close`)."""
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+            self.conn.start_next_cycle()
+            return True
+        return False
+
+    @property
+    def closed(self) -> bool:
+        stream = getattr(self.channel, "stream", None)
+        return bool(stream is not None and stream.done)
+
+
 async def exchange(
-    channel: ByteChannel,
+    channel: ByteChannel | UpstreamHttp,
     method: str,
     target: str,
     host: str,
@@ -262,17 +288,18 @@ async def exchange(
     *,
     timeout: float = UPSTREAM_TIMEOUT,
 ) -> HttpResponse:
-    """Send one HTTP/1.1 request over `channel` and read the whole response (bounded).
-
-    Every request gets its own channel (one HBONE stream on a pooled connection, §1.5), so the
-    response ends with the message and nothing is left to desynchronise (no upstream pipelining)."""
-    return await asyncio.wait_for(_exchange(channel, method, target, host, headers, body), timeout)
+    """Send one HTTP/1.1 request and read the whole response (bounded). A bare channel is used for
+    one request; an `UpstreamHttp` may be reused (keep-alive, never pipelined upstream)."""
+    upstream = channel if isinstance(channel, UpstreamHttp) else UpstreamHttp(channel)
+    return await asyncio.wait_for(_exchange(upstream, method, target, host, headers, body), timeout)
 
 
 async def _exchange(
-    channel: ByteChannel, method: str, target: str, host: str, headers: Headers, body: bytes
+    upstream: UpstreamHttp, method: str, target: str, host: str, headers: Headers, body: bytes
 ) -> HttpResponse:
-    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
+    conn, channel = upstream.conn, upstream.channel
+    reused = upstream.uses > 0
+    upstream.uses += 1
     out = [("host", host), *headers]
     if body or method in ("POST", "PUT", "PATCH"):
         out.append(("content-length", str(len(body))))
@@ -280,14 +307,32 @@ async def _exchange(
     if body:
         wire += conn.send(h11.Data(data=body))
     wire += conn.send(h11.EndOfMessage())
-    await channel.send(wire)
+    received = False
+    try:
+        await channel.send(wire)
+    except ConnectionResetError as exc:
+        if reused:
+            raise StaleConnection(str(exc)) from None
+        raise
     response: HttpResponse | None = None
     chunks: list[bytes] = []
     size = 0
     while True:
-        event = conn.next_event()
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError:
+            if reused and not received:
+                raise StaleConnection("reused upstream connection closed") from None
+            raise
         if event is h11.NEED_DATA:
-            conn.receive_data(await channel.recv())
+            try:
+                data = await channel.recv()
+            except ConnectionResetError as exc:
+                if reused and not received:
+                    raise StaleConnection(str(exc)) from None
+                raise
+            received = received or bool(data)
+            conn.receive_data(data)
             continue
         if isinstance(event, h11.InformationalResponse):
             continue
@@ -303,4 +348,6 @@ async def _exchange(
             response.body = b"".join(chunks)
             return response
         elif isinstance(event, h11.ConnectionClosed):
+            if reused and not received:
+                raise StaleConnection("reused upstream connection closed")
             raise ConnectionResetError("upstream closed the connection before the response ended")

@@ -205,6 +205,7 @@ class Waypoint:
 
     async def close(self, grace: float = 5.0) -> None:
         await self.server.close(grace)
+        self.forwarder.close_idle()
         await self.pool.close()
 
     # -- tunnels ----------------------------------------------------------------------------------
