@@ -685,13 +685,13 @@ def test_traffic_keeps_flowing_while_the_control_plane_is_down(mesh: Mesh) -> No
     mesh.procs["control"].kill()
     mesh.procs["control"].wait(10)
     failures, sent = 0, 0
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30  # issue 6: 30 s without a control plane, zero failed requests
     while time.monotonic() < deadline:
         sent += 1
         if mesh.curl("namespace-b", "app-b", "http://app-a.namespace-a/outage").returncode != 0:
             failures += 1
         time.sleep(0.2)
-    assert (sent, failures) == (sent, 0) and sent >= 10
+    assert failures == 0 and sent >= 30, f"{failures} of {sent} failed"
     mesh.procs["control"] = _start_control_plane(mesh.plan, mesh.tmp, mesh.config_dir)
     deny_b = mesh.config_dir / "deny-b.yaml"
     deny_b.write_text("""
@@ -735,3 +735,27 @@ def test_certificates_rotate_under_continuous_traffic(mesh: Mesh) -> None:
         time.sleep(0.25)
     assert serial_of_app_a() != first, "app-a's certificate did not rotate"
     assert failures == 0, f"{failures} of {sent} requests failed during rotation"
+
+
+def test_broken_edit_is_rejected_and_the_last_good_config_stays(mesh: Mesh) -> None:
+    broken = mesh.config_dir / "zz-broken.yaml"
+    broken.write_text(POLICIES.replace("action: DENY", "action: DENY_ALL"))
+    try:
+        time.sleep(1.5)
+        assert mesh.curl("namespace-b", "app-b", "http://app-a.namespace-a/still").returncode == 0
+        assert mesh.curl("namespace-c", "app-c", "http://app-a.namespace-a/still").returncode != 0, (
+            "app-c must stay denied: the old policies are still in force"
+        )
+        if mesh.mode == "control":
+            status = subprocess.run(
+                [*ZT, "control", "status", "--json", "--state-dir", str(mesh.tmp / "control")],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            assert "DENY_ALL" in status.stdout and "zz-broken.yaml" in status.stdout, status.stdout
+        else:
+            text = mesh.logs["node-1"].read_text()
+            assert "configuration change rejected" in text and "DENY_ALL" in text
+    finally:
+        broken.unlink()

@@ -344,7 +344,8 @@ class GrpcCaClient:
 
 
 SNAPSHOT_TYPE = "type.googleapis.com/zerotunnel.control.v1.NodeSnapshot"
-MAX_STREAM_BACKOFF = 30.0
+MAX_STREAM_BACKOFF = 15.0
+"""security.md §4 item 24: after an outage nodes resync within ztunnel's xDS max backoff, 15 s."""
 _INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 
@@ -421,8 +422,8 @@ class ConfigSubscription:
                 self.connected.clear()
             if stop.is_set():
                 return
-            delay = min(MAX_STREAM_BACKOFF, self._initial_backoff * 2 ** min(attempt, 16))
-            delay *= 0.5 + self._rand()
+            delay = self._initial_backoff * 2 ** min(attempt, 16) * (0.5 + self._rand())
+            delay = min(MAX_STREAM_BACKOFF, delay)
             attempt += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
