@@ -10,3 +10,10 @@ lint: setup
 bench: setup
 	scripts/bench-deps.sh
 	.venv/bin/python -m bench $(BENCH_ARGS)
+.PHONY: fuzz soak
+# Coverage-guided fuzzing (atheris) of every untrusted-input parser: SECONDS per target, TARGETS optional.
+fuzz:
+	SECONDS_PER_TARGET=$(or $(SECONDS),10) .venv/bin/python fuzz/run.py "$(TARGETS)"
+# Long form of the reliability suite (bigger counts, held longer): figures in $(ZT_RELIABILITY_FIGURES).
+soak:
+	ZT_SOAK=1 .venv/bin/pytest tests/reliability -p no:cacheprovider -rA

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import importlib.util
 import json
@@ -198,11 +199,36 @@ async def run_abuser(env: Any, server: Any, scenario: str, n: int, authority: st
     return result
 
 
+@functools.cache
+def fuzz_targets() -> Any:
+    """fuzz/targets.py (shared with the atheris harness), loaded by path."""
+    path = Path(__file__).resolve().parents[2] / "fuzz" / "targets.py"
+    spec = importlib.util.spec_from_file_location("zt_fuzz_targets", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.cache
+def fuzz_leaf_der() -> bytes:
+    """A genuine SVID from the fuzz targets' CA: the seed the verifier mutants start from."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    targets = fuzz_targets()
+    ca, _ = targets._ca()
+    chain, _key = ca.issue_with_key(targets.IDENTITY, targets.NOW)
+    cert = x509.load_pem_x509_certificate(chain.leaf_pem)
+    return bytes(cert.public_bytes(serialization.Encoding.DER))
+
+
 def settle() -> None:
     gc.collect()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def rel() -> Any:
     """This module, for the helpers above (tests cannot import a conftest under importlib mode)."""
     return sys.modules[__name__]

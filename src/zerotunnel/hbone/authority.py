@@ -18,8 +18,10 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # RFC 1123 labels; the authority is attacker-controlled (security.md rule 1), so only plain DNS names pass.
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOST_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?$")
-_PORT_RE = re.compile(r"^[0-9]{1,5}$")
+# \Z, not $: `$` also matches before a trailing newline, which let `host\n:80` through
+# (tests/reliability/test_fuzz.py, fuzz/corpus/authority/finding-*).
+_HOST_RE = re.compile(rf"^(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*\.?\Z")
+_PORT_RE = re.compile(r"^[0-9]{1,5}\Z")
 
 
 class AuthorityError(ZerotunnelError):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -370,11 +370,14 @@ class CertificateAuthority:
             )
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError as exc:
+            signature_ok = csr.is_signature_valid
+            # parsed lazily: a malformed key or extension raises here, not at load (test_fuzz.py)
+            public_key = csr.public_key()
+            _ = csr.extensions
+        except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
             raise CaError(f"CSR is not a PEM certificate request ({exc})") from None
-        if not csr.is_signature_valid:
+        if not signature_ok:
             raise CaError("CSR signature does not verify")
-        public_key = csr.public_key()
         if isinstance(public_key, ec.EllipticCurvePublicKey):
             if public_key.curve.name not in ("secp256r1", "secp384r1"):
                 raise CaError(f"CSR key curve {public_key.curve.name} is not allowed (P-256 or P-384)")

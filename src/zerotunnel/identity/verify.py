@@ -21,6 +21,7 @@ from enum import StrEnum
 from typing import Literal
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import (
     Criticality,
@@ -316,7 +317,25 @@ def verify_peer(
     clientAuth), "server" when we dialled it. `expected_ids` (None = any identity) is the set the
     caller will accept, e.g. the destination's identities on an outbound connection. Raises
     VerificationError with a `Reason`.
+
+    cryptography parses extensions lazily, so a certificate that loads can still raise ValueError
+    when its SAN or key usage is read (found by tests/reliability/test_fuzz.py): that is a
+    MALFORMED refusal like any other, never an exception escaping into the TLS shell.
     """
+    try:
+        return _verify_peer(leaf, intermediates, bundle, now, expected_ids, peer_role)
+    except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
+        raise VerificationError(Reason.MALFORMED, f"malformed certificate ({exc})") from None
+
+
+def _verify_peer(
+    leaf: x509.Certificate | bytes,
+    intermediates: Sequence[x509.Certificate | bytes],
+    bundle: TrustBundle,
+    now: datetime,
+    expected_ids: Collection[SpiffeId] | None,
+    peer_role: PeerRole,
+) -> VerifiedPeer:
     leaf_cert = load_cert_list(leaf, "leaf")
     if len(leaf_cert) != 1:
         raise VerificationError(Reason.MALFORMED, f"expected one leaf certificate, got {len(leaf_cert)}")
