@@ -285,3 +285,46 @@ def test_seed_through_its_waypoint_enforces_the_l7_rule(cluster: str, tmp_path: 
     assert m[0]["reason"] == "allowed by: namespace-a/app-a-allow-get-data"
     assert m[0]["server_identity"] == "spiffe://cluster.local/ns/namespace-a/sa/service-account-a"
     assert m[2]["client_identity"] == "spiffe://cluster.local/ns/namespace-c/sa/service-account-c"
+
+
+def test_control_plane_mode(cluster: str, tmp_path: Path) -> None:
+    """`up --control-plane`: node proxies enrol with join tokens and get certificates and config from
+    `zerotunnel control`; a restarted node proxy comes back with its stored identity."""
+    conf = tmp_path / "seed"
+    conf.mkdir()
+    for f in ("mesh.yaml", "policies.yaml"):
+        shutil.copy(SEED / f, conf / f)
+    runner.up([str(conf)], cluster, control_plane=True)
+    st = runner.cluster_status(cluster)
+    cp = st["control_plane"]
+    assert cp["state"] == "running" and cp["address"].endswith(":15012")
+    assert all(p["cert_expiry"] for p in st["pods"])
+    cp_log = ClusterDir.for_cluster(cluster).log_dir / "control-plane.log"
+    issued = ("certificate issued for spiffe://cluster.local/ns/namespace-b/sa/service-account-b "
+              "to node node-2")
+    assert issued in cp_log.read_text()
+    assert "control plane" in zt(cluster, "status").stdout
+    assert "certificate issued" in zt(cluster, "logs", "control-plane").stdout
+    case_b = "namespace-b/app-b=http://app-a.namespace-a/data"
+    case_c = "namespace-c/app-c=http://app-a.namespace-a/data"
+    assert [r["decision"] for r in traffic(cluster, case_b, case_c)] == ["ALLOW", "DENY"]
+    # a policy edit reaches the node proxies through the control plane
+    (conf / "policies.yaml").write_text((SEED / "policies.yaml").read_text().split("---")[0].replace(
+        '["cluster.local/ns/namespace-b/sa/service-account-b"]',
+        '["cluster.local/ns/namespace-b/sa/service-account-b",'
+        ' "cluster.local/ns/namespace-c/sa/service-account-c"]'))
+    _wait(lambda: traffic(cluster, case_c)[0]["decision"] == "ALLOW", 30)
+    # a node proxy restarts without a token (it kept its node identity) and serves its pods again
+    node2 = next(n for n in st["nodes"] if n["name"] == "node-2")
+    os.kill(node2["pid"], signal.SIGKILL)
+
+    def node2_restarts() -> int:
+        nodes = runner.cluster_status(cluster)["nodes"]
+        return int(next(n for n in nodes if n["name"] == "node-2")["restarts"])
+
+    _wait(lambda: node2_restarts() == 1)
+    _wait(lambda: all(p["ready"] for p in runner.cluster_status(cluster)["pods"]), 30)
+    assert traffic(cluster, case_b)[0]["decision"] == "ALLOW"
+    pids = [*all_pids(runner.cluster_status(cluster)), cp["pid"]]
+    runner.down(cluster)
+    assert_nothing_left(cluster, pids)

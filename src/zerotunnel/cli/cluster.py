@@ -46,6 +46,10 @@ def render_status(status: dict[str, Any]) -> str:
         head += " (without node proxies: every pod is out of the mesh)"
     if status.get("config_error"):
         head += f"\nconfig change rejected (previous config in force): {status['config_error']}"
+    cp = status.get("control_plane")
+    if cp:
+        pid = f" pid {cp['pid']}" if cp.get("pid") else ""
+        head += f"\ncontrol plane {cp['address']}: {cp['state']}{pid}, {cp.get('restarts', 0)} restart(s)"
     out = [head, ""]
     nodes = [["NODE", "IP", "POD CIDR", "PROXY", "READY", "RESTARTS", "PODS SERVED"]]
     for n in status.get("nodes", []):
@@ -77,11 +81,14 @@ def render_status(status: dict[str, Any]) -> str:
                    "POD_IP; no capture, no node proxies, no mTLS.")
 @click.option("--no-proxies", is_flag=True, hidden=True,
               help="Run pods without node proxies (every pod out of the mesh); for runner development.")
+@click.option("--control-plane", is_flag=True,
+              help="Run a control plane (`zerotunnel control`: the mesh CA over gRPC, config over xDS) and "
+                   "enrol each node proxy with a join token, instead of giving the proxies files and the CA.")
 @click.option("--timeout", type=float, default=runner.DEFAULT_TIMEOUT, show_default=True,
               help="Seconds to wait for every pod to be ready.")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def up(directory: tuple[str, ...], name: str, no_netns: bool, no_proxies: bool, timeout: float,
-       output: str) -> None:
+def up(directory: tuple[str, ...], name: str, no_netns: bool, no_proxies: bool, control_plane: bool,
+       timeout: float, output: str) -> None:
     """Build a mesh on this host from the YAML in DIRECTORY (or files), as `kubectl apply -f DIR`.
 
     A directory's top-level *.yaml/*.yml/*.json files are read (subdirectories are not, as without
@@ -96,7 +103,7 @@ def up(directory: tuple[str, ...], name: str, no_netns: bool, no_proxies: bool, 
     click.echo(f"zerotunnel up {' '.join(directory)} (cluster {name})", err=True)
     try:
         result = runner.up(list(directory), name, netns=not no_netns, proxies=not no_proxies,
-                           timeout=timeout, progress=_progress)
+                           control_plane=control_plane, timeout=timeout, progress=_progress)
     except runner.ClusterError as exc:
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(1)
@@ -183,6 +190,8 @@ def exec_(name: str, namespace: str | None, pod: str, command: tuple[str, ...]) 
 def _log_path(cdir: ClusterDir, target: str, namespace: str | None, name: str) -> Path:
     if target == "control":
         return cdir.control_log
+    if target == "control-plane":
+        return cdir.log_dir / "control-plane.log"
     if target.startswith("node/"):
         return cdir.node_log(target.removeprefix("node/"))
     p = _pod_from_status(name, namespace, target.removeprefix("pod/"))
@@ -195,7 +204,8 @@ def _log_path(cdir: ClusterDir, target: str, namespace: str | None, name: str) -
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C or `down`.")
 @click.argument("target")
 def logs(name: str, namespace: str | None, follow: bool, target: str) -> None:
-    """Print the log of a pod (POD), a node proxy (node/NAME) or the supervisor (control)."""
+    """Print the log of a pod (POD), a node proxy (node/NAME), the supervisor (control) or, with
+    `up --control-plane`, the control plane (control-plane)."""
     cdir = ClusterDir.for_cluster(name)
     path = _log_path(cdir, target, namespace, name)
     try:

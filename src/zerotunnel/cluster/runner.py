@@ -143,6 +143,7 @@ def up(
     *,
     netns: bool = True,
     proxies: bool = True,
+    control_plane: bool = False,
     timeout: float = DEFAULT_TIMEOUT,
     progress: Progress | None = None,
     state_root: Path | None = None,
@@ -169,7 +170,8 @@ def up(
         _cleanup(cdir, say)
     cdir.create()
     write_json(cdir.cluster_file, {"cluster": cluster, "paths": absolute, "netns": netns,
-                                   "proxies": proxies, "ready_timeout": timeout})
+                                   "proxies": proxies, "control_plane": control_plane,
+                                   "ready_timeout": timeout})
     daemon = spawn_supervisor(cdir)
     say(f"supervisor started (pid {daemon}, state in {cdir.root})")
     try:

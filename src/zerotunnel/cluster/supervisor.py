@@ -36,6 +36,7 @@ from typing import Any
 
 import watchfiles
 
+from zerotunnel.cluster import netns as ns
 from zerotunnel.cluster import network, podapi
 from zerotunnel.cluster.desired import (
     Desired,
@@ -65,6 +66,7 @@ from zerotunnel.cluster.topology import NetworkPlan, plan_network, pod_hosts
 from zerotunnel.config import Config, ConfigError, load
 from zerotunnel.control import castore
 from zerotunnel.control.files import read_config_paths
+from zerotunnel.control.tokens import TokenStore
 from zerotunnel.errors import InputError, ZerotunnelError
 from zerotunnel.node.capture import connect_in_netns, in_netns, install_capture
 
@@ -74,6 +76,7 @@ READINESS_PORT = 15021
 NODE_READY_TIMEOUT = 30.0
 _MAX_EVENTS = 200
 CRASHES_AT_START = 2
+CONTROL_PORT = 15012
 MIN_UP = 0.5
 
 
@@ -125,6 +128,14 @@ def node_ready(netns: str, port: int = READINESS_PORT) -> bool:
             return False
     parts = head.split(None, 2)
     return len(parts) >= 2 and parts[1] == b"200"
+
+
+def _accepts(netns: str, host: str, port: int) -> bool:
+    try:
+        connect_in_netns(netns, (host, port), mark=None, timeout=1.0).close()
+    except OSError:
+        return False
+    return True
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -182,13 +193,17 @@ class PodRun:
 
 class Supervisor:
     def __init__(
-        self, cdir: ClusterDir, paths: list[str], *, netns: bool = True, proxies: bool = True
+        self, cdir: ClusterDir, paths: list[str], *, netns: bool = True, proxies: bool = True,
+        control_plane: bool = False,
     ) -> None:
         self.cdir = cdir
         self.cluster = cdir.cluster
         self.paths = paths
         self.use_netns = netns
         self.proxies = proxies and netns
+        self.control_plane = control_plane and self.proxies
+        self.control: Managed | None = None
+        self.tokens: dict[str, str] = {}
         self.version = 0
         self._digest = ""
         self.config: Config | None = None
@@ -237,6 +252,7 @@ class Supervisor:
         status = {
             "cluster": self.cluster, "phase": self.phase, "reason": self.reason,
             "mode": "netns" if self.use_netns else "loopback", "proxies": self.proxies,
+            "control_plane": self._control_status(),
             "supervisor_pid": os.getpid(), "config_paths": self.paths,
             "config_version": self.version or None,
             "config_error": self.config_error, "updated": _now(), "events": self.events,
@@ -313,12 +329,64 @@ class Supervisor:
         else:
             self._dnat_for(want)
 
+    def _control_status(self) -> dict[str, Any] | None:
+        if self.control is None:
+            return None
+        return {"address": f"{self.control_address}:{CONTROL_PORT}", "state": self.control.state,
+                "pid": self.control.pid, "restarts": self.control.restarts}
+
+    @property
+    def control_address(self) -> str:
+        """The control plane's address: the last usable node-network IP, on the bridge itself."""
+        assert self.plan is not None
+        return str(self.plan.node_cidr.broadcast_address - 1)
+
+    def _control_spec(self) -> ProcessSpec:
+        """`zerotunnel control serve` in the bridge netns (every node reaches it on the node network),
+        with the cluster's CA as its plug-in CA and the last good config snapshot as its config."""
+        assert self.plan is not None
+        argv = [sys.executable, "-m", "zerotunnel.cli.main", "control", "serve",
+                "-c", str(self.snapshot_file.parent),
+                "--state-dir", str(self.cdir.root / "control"), "--ca-dir", str(self.cdir.ca_dir),
+                "--listen", f"{self.control_address}:{CONTROL_PORT}", "--metrics-listen", "off"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        return ProcessSpec(argv_in_netns(self.plan.bridge_netns, argv), env, self.cdir.root,
+                           self.cdir.log_dir / "control-plane.log", "control-plane")
+
+    async def _start_control_plane(self) -> None:
+        """Start the control plane, mint one join token per node, wait until it accepts connections."""
+        assert self.plan is not None and self.desired is not None
+        prefix = self.plan.node_cidr.prefixlen
+        bridge = self.plan.bridge
+        ns.ip_batch(self.plan.bridge_netns, [f"addr add {self.control_address}/{prefix} dev {bridge}"])
+        store = TokenStore(self.cdir.root / "control")
+        now = datetime.now(UTC)
+        self.tokens = {n: store.create(n, now)[0] for n in self.desired.nodes}
+        self.control = Managed(self._control_spec(), self.changed)
+        self.control.start()
+        self.event(f"starting the control plane on {self.control_address}:{CONTROL_PORT}")
+        deadline = time.monotonic() + NODE_READY_TIMEOUT
+        where = (self.plan.bridge_netns, self.control_address, CONTROL_PORT)
+        while not await asyncio.to_thread(_accepts, *where):
+            if self.control.state == "backoff" or time.monotonic() > deadline:
+                raise StartupError("control plane did not start:\n"
+                                   f"{tail(self.cdir.log_dir / 'control-plane.log')}")
+            await asyncio.sleep(0.1)
+        self.event("control plane ready")
+
     def _node_spec(self, node: str) -> ProcessSpec:
         assert self.plan is not None
         argv = [sys.executable, "-m", "zerotunnel.cli.main", "node", "--node", node]
-        argv += ["-f", str(self.snapshot_file.parent)]
-        argv += ["--addresses", str(self.cdir.addresses_file), "--ca-dir", str(self.cdir.ca_dir),
-                 "--pod-api", str(self.cdir.node_socket(node))]
+        if self.control_plane:
+            # enrol once with the join token; later restarts reuse the identity kept in --state-dir
+            argv += ["--control", f"{self.control_address}:{CONTROL_PORT}",
+                     "--ca-root", str(self.cdir.ca_dir / "root-cert.pem"),
+                     "--state-dir", str(self.cdir.root / f"node-{node}")]
+            if not (self.cdir.root / f"node-{node}" / "node").exists():
+                argv += ["--join-token", self.tokens[node]]
+        else:
+            argv += ["-f", str(self.snapshot_file.parent), "--ca-dir", str(self.cdir.ca_dir)]
+        argv += ["--addresses", str(self.cdir.addresses_file), "--pod-api", str(self.cdir.node_socket(node))]
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         return ProcessSpec(argv_in_netns(self.plan.node(node).netns, argv), env, self.cdir.root,
@@ -452,6 +520,8 @@ class Supervisor:
         runs = list(self.pods.values())
         # Node proxies start first (their Python start-up is the longest step); meanwhile capture and
         # DNAT are installed and the pods outside the mesh, which need no node proxy, are started.
+        if self.control_plane:
+            await self._start_control_plane()
         if self.proxies:
             for node in d.nodes:
                 m = Managed(self._node_spec(node), self.changed, self._on_node_start(node))
@@ -644,6 +714,8 @@ class Supervisor:
         await asyncio.gather(*(m.stop() for r in self.pods.values() for _, m in r.procs),
                              return_exceptions=True)
         await asyncio.gather(*(m.stop() for m in self.nodes.values()), return_exceptions=True)
+        if self.control is not None:
+            await self.control.stop()
         if self.network_built:
             try:
                 await asyncio.to_thread(network.destroy_network, self.cluster)
@@ -719,7 +791,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sup = Supervisor(cdir, list(settings["paths"]), netns=bool(settings.get("netns", True)),
-                     proxies=bool(settings.get("proxies", True)))
+                     proxies=bool(settings.get("proxies", True)),
+                     control_plane=bool(settings.get("control_plane", False)))
     with contextlib.suppress(OSError):
         os.chdir(root)
     socket.setdefaulttimeout(None)
