@@ -11,8 +11,9 @@ exact `match_subject_alt_names`, any SAN type). A CA without a CRL in `ca.crl` r
 
 XFCC (§7.3, gateway default SANITIZE_SET): the client's header is always dropped; when the client
 presented a verified certificate the gateway sets `By` (its own SPIFFE ID), `Hash`, `Subject`, `URI`
-and `DNS`. Cert-derived values are quoted as the format requires and refused when they contain
-control characters (CVE-2023-27493: a SAN must never inject header bytes).
+and `DNS`. Cert-derived values are quoted as the format requires and left out when they contain
+control characters, `"` or `\\` (CVE-2023-27493: a SAN must never inject header bytes or split the
+element).
 """
 
 from __future__ import annotations
@@ -139,12 +140,14 @@ def verify_client_cert(
 
 
 def _safe(value: str) -> bool:
-    return all(0x20 <= ord(ch) < 0x7F for ch in value)
+    """Printable ASCII without `"` or `\\`: quoting then never depends on how a reader treats
+    backslashes (a value that would need them is left out rather than risk splitting the header)."""
+    return all(0x20 <= ord(ch) < 0x7F and ch not in '"\\' for ch in value)
 
 
 def _quote(value: str, *, always: bool = False) -> str:
-    if always or any(ch in value for ch in ',;="'):
-        return '"' + value.replace('"', '\\"') + '"'
+    if always or any(ch in value for ch in ",;="):
+        return f'"{value}"'
     return value
 
 

@@ -220,15 +220,30 @@ def fqdn(host: str, namespace: str) -> str:
     return host
 
 
+def _specificity(pattern: str) -> int:
+    """Envoy picks the most specific virtual host: an exact name, then the longest wildcard suffix."""
+    pattern = pattern.partition("/")[2] if "/" in pattern else pattern
+    if pattern == "*":
+        return 0
+    if pattern.startswith("*."):
+        return len(pattern)
+    return 10_000
+
+
 def route_request(
     config: Config, gateway: str, server_hosts: tuple[str, ...], host: str, path: str
 ) -> RouteTarget | None:
-    """The first matching route of the first VirtualService bound to `gateway` for `host` (§7)."""
+    """The first matching route among the VirtualServices bound to `gateway` whose host is the most
+    specific match for `host` (Envoy's virtual host selection: no fall-through to a wildcard)."""
     if not any(host_matches(h, host) for h in server_hosts):
         return None
-    for vs in config.virtual_services:
-        if not _bound(vs, gateway) or not any(host_matches(h, host) for h in vs.hosts):
-            continue
+    candidates = [
+        (max(_specificity(h) for h in vs.hosts if host_matches(h, host)), i, vs)
+        for i, vs in enumerate(config.virtual_services)
+        if _bound(vs, gateway) and any(host_matches(h, host) for h in vs.hosts)
+    ]
+    best = max((c[0] for c in candidates), default=0)
+    for _, _, vs in sorted(c for c in candidates if c[0] == best):
         for route in vs.http:
             if not _uri_matches(route, path) or not route.route:
                 continue
