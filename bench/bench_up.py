@@ -26,6 +26,7 @@ ZT = str(Path(sys.executable).parent / "zerotunnel")
 MILESTONES = [
     ("config loaded", "supervisor up, config loaded"),
     ("network created", "network created"),
+    ("control plane ready", "control plane ready"),
     ("capture installed", "capture/DNAT installed"),
     ("node proxies ready", "node proxies ready"),
     ("started", "pods registered + started"),
@@ -33,11 +34,12 @@ MILESTONES = [
 ]
 
 
-def one(example: str) -> dict[str, float]:
+def one(example: str, control_plane: bool) -> dict[str, float]:
     name = "b" + secrets.token_hex(4)
     t0 = time.time()
-    up = subprocess.run([ZT, "up", "--name", name, "-o", "json", example], capture_output=True, text=True,
-                        timeout=120, check=False)
+    flags = ["--control-plane"] if control_plane else []
+    up = subprocess.run([ZT, "up", "--name", name, "-o", "json", *flags, example], capture_output=True,
+                        text=True, timeout=120, check=False)
     t_up = time.time() - t0
     if up.returncode != 0:
         subprocess.run([ZT, "down", "--name", name], capture_output=True, check=False)
@@ -59,11 +61,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--example", default=str(ROOT / "examples" / "seed"))
+    parser.add_argument("--control-plane", action="store_true", help="up --control-plane")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench_up needs root (network namespaces)")
-    runs = [one(args.example) for _ in range(args.runs)]
-    print(f"# zerotunnel up {Path(args.example).name}: {args.runs} runs, {platform.machine()}, "
+    runs = [one(args.example, args.control_plane) for _ in range(args.runs)]
+    mode = " --control-plane" if args.control_plane else ""
+    print(f"# zerotunnel up{mode} {Path(args.example).name}: {args.runs} runs, {platform.machine()}, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
     print("| milestone (s since `up` started) | median | min | max |")
     print("|---|---|---|---|")

@@ -103,7 +103,8 @@ def up(directory: tuple[str, ...], name: str, no_netns: bool, no_proxies: bool, 
     click.echo(f"zerotunnel up {' '.join(directory)} (cluster {name})", err=True)
     try:
         result = runner.up(list(directory), name, netns=not no_netns, proxies=not no_proxies,
-                           control_plane=control_plane, timeout=timeout, progress=_progress)
+                           control_plane=control_plane, exec_supervisor=False, timeout=timeout,
+                           progress=_progress)
     except runner.ClusterError as exc:
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(1)

@@ -788,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.state)
     settings = json.loads((root / "cluster.json").read_text())
     cdir = ClusterDir(settings["cluster"], root)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sup = Supervisor(cdir, list(settings["paths"]), netns=bool(settings.get("netns", True)),
                      proxies=bool(settings.get("proxies", True)),
