@@ -77,3 +77,14 @@ def test_next_refresh_is_half_life_for_normal_ttls_and_never_a_tight_loop_for_sh
     assert day == now + timedelta(hours=11, minutes=59), "Istio's half-life, backdating included"
     short = next_refresh(now - backdate, now + timedelta(minutes=2), now)
     assert short == now + timedelta(minutes=1), "a 2-minute certificate renews after 1 minute, not at once"
+
+
+def test_retry_after_expiry_still_backs_off() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from zerotunnel.identity.rotation import retry_at
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    expired = now - timedelta(seconds=30)
+    assert retry_at(now, 3, 0.5, expired) == now + timedelta(seconds=4), "no tight loop on an expired cert"
+    assert retry_at(now, 3, 0.5, now + timedelta(seconds=1)) == now + timedelta(seconds=1)

@@ -759,3 +759,71 @@ def test_broken_edit_is_rejected_and_the_last_good_config_stays(mesh: Mesh) -> N
             assert "configuration change rejected" in text and "DENY_ALL" in text
     finally:
         broken.unlink()
+
+
+def _all_cert_expiries(mesh: Mesh) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for node in ("node-1", "node-2"):
+        for cert in json.loads(mesh.node_get(node, 15000, "/certs")):
+            out[f"{node} {cert['identity']}"] = cert["not_after"]
+    return out
+
+
+def _wait_all_rotated(mesh: Mesh, before: dict[str, str], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        now = _all_cert_expiries(mesh)
+        if all(now.get(k) not in (None, v) for k, v in before.items()):
+            return
+        assert time.monotonic() < deadline, f"not every certificate rotated: {before} -> {now}"
+        time.sleep(1)
+
+
+@control_only
+def test_root_rotation_under_traffic(mesh: Mesh) -> None:
+    """Istio's three steps (spec §3.5, security.md rule 16) with requests flowing: add the new root to
+    the bundle, issue from the new CA, retire the old root — zero failed requests."""
+    import threading
+
+    from zerotunnel.identity.ca import CertificateAuthority
+
+    ca_dir = mesh.tmp / "control" / "ca"
+    old_roots = (ca_dir / "root-cert.pem").read_bytes()
+    new = CertificateAuthority.create_root("cluster.local", datetime.now(UTC))
+    stop = threading.Event()
+    results = {"sent": 0, "failed": 0}
+
+    def traffic() -> None:
+        while not stop.is_set():
+            results["sent"] += 1
+            if mesh.curl("namespace-b", "app-b", "http://app-a.namespace-a/rotation").returncode != 0:
+                results["failed"] += 1
+            time.sleep(0.2)
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        # 1. both roots trusted; wait until every workload certificate (and bundle) was renewed
+        before = _all_cert_expiries(mesh)
+        (ca_dir / "root-cert.pem").write_bytes(old_roots + new.root_bundle_pem)
+        _wait_all_rotated(mesh, before)
+        # 2. the new CA signs; wait until every workload holds a certificate from it
+        before = _all_cert_expiries(mesh)
+        key_fd = os.open(ca_dir / "ca-key.pem.new", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        with os.fdopen(key_fd, "wb") as f:
+            f.write(new.signing_key_pem())
+        (ca_dir / "ca-cert.pem.new").write_bytes(new.signing_cert_pem)
+        (ca_dir / "cert-chain.pem.new").write_bytes(new.cert_chain_pem)
+        for name in ("ca-key.pem", "ca-cert.pem", "cert-chain.pem"):
+            os.replace(ca_dir / f"{name}.new", ca_dir / name)
+        _wait_all_rotated(mesh, before)
+        # 3. retire the old root
+        before = _all_cert_expiries(mesh)
+        (ca_dir / "root-cert.pem").write_bytes(new.root_bundle_pem)
+        _wait_all_rotated(mesh, before)
+        time.sleep(2)
+    finally:
+        stop.set()
+        worker.join(30)
+    assert results["failed"] == 0, results
+    assert results["sent"] > 50

@@ -82,6 +82,16 @@ def _rpc_error(exc: grpc.aio.AioRpcError) -> ControlPlaneError:
     return ControlPlaneError(exc.code().name, exc.details() or "")
 
 
+def _issuer_key(cert_pem: bytes) -> bytes:
+    """The key that signed the first certificate in `cert_pem` (AKI; the issuer name when absent)."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return cert.issuer.public_bytes()
+    return aki.key_identifier or cert.issuer.public_bytes()
+
+
 def chain_from_response(cert_chain: list[str], expected: SpiffeId) -> IssuedChain:
     """IstioCertificateResponse.cert_chain (§3.2) → IssuedChain, checking the leaf names `expected`."""
     if len(cert_chain) < 2:
@@ -272,6 +282,10 @@ class GrpcCaClient:
             await self.refresh_node_identity(only_if_due=True)
         chain = chain_from_response(await self._create(csr_pem, ttl, identity), identity)
         await self.adopt_roots(chain.roots_pem)
+        if _issuer_key(chain.leaf_pem) != _issuer_key(self.identity.chain_pem):
+            # The CA changed (root rotation step 2): follow it before step 3 retires the root that
+            # signed our node SVID, or the control plane would stop recognising this node.
+            await self.refresh_node_identity()
         return chain
 
     async def adopt_roots(self, roots_pem: bytes) -> None:

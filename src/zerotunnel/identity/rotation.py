@@ -71,7 +71,10 @@ def next_backoff(attempt: int, rand: float) -> timedelta:
 def retry_at(now: datetime, attempt: int, rand: float, current_not_after: datetime | None) -> datetime:
     """When to try again: after the backoff, but no later than the current certificate's expiry."""
     at = now + next_backoff(attempt, rand)
-    return min(at, current_not_after) if current_not_after is not None else at
+    # Clamping to an expiry that has already passed would retry at once, in a tight loop.
+    if current_not_after is not None and current_not_after > now:
+        return min(at, current_not_after)
+    return at
 
 
 def choose_cert(candidates: Iterable[C], now: datetime) -> C | None:
