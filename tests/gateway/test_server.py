@@ -245,3 +245,35 @@ async def test_seed_example_external_clients(pki: Pki, tmp_path: Path) -> None:
         await gateway.close()
         await destination.close(0)
         await app.close()
+
+
+async def test_http2_over_alpn(gw: GatewayMesh) -> None:
+    cert, key = gw.ext.client_a.write(gw.tmp, "h2-client")
+    proc = await asyncio.create_subprocess_exec(
+        "curl",
+        "-sS",
+        "--http2",
+        "--max-time",
+        "10",
+        "-w",
+        "\n%{http_version}",
+        "--cacert",
+        str(gw.tmp / "server-ca.crt"),
+        "--cert",
+        str(cert),
+        "--key",
+        str(key),
+        "--resolve",
+        f"app.example.com:{gw.mutual_port}:127.0.0.1",
+        f"https://app.example.com:{gw.mutual_port}/h2",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err
+    body, _, version = out.decode().rpartition("\n")
+    assert version == "2"
+    echo = _echo(body)
+    assert echo["path"] == "/h2" and "CN=client-a" in echo["headers"]["x-forwarded-client-cert"]  # type: ignore[index]
+    [line] = [x for x in gw.logs if x.get("path") == "/h2"]
+    assert line["protocol"] == "HTTP/2" and line["response_code"] == 200

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import pytest_asyncio
 
@@ -254,3 +255,33 @@ async def test_upstream_keepalive_reused_and_recovered(open_mesh: Mesh) -> None:
     open_mesh.destination.authorize = allow
     assert (await open_mesh.request("GET", "/after")).status == 200
     assert len(open_mesh.seen) == 2
+
+
+async def test_h2_rapid_reset_gets_goaway(open_mesh: Mesh) -> None:
+    """security.md §1d: HEADERS + RST_STREAM floods (CVE-2023-44487) are cut off with GOAWAY
+    ENHANCE_YOUR_CALM; the cancelled requests do not pile up upstream."""
+    channel = await open_mesh.open()
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    await channel.send(conn.data_to_send())
+    for _ in range(1200):
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(
+            sid,
+            [(":method", "GET"), (":path", "/flood"), (":scheme", "http"), (":authority", HOST.decode())],
+            end_stream=True,
+        )
+        conn.reset_stream(sid)
+        if sid % 101 == 0:
+            await channel.send(conn.data_to_send())
+    await channel.send(conn.data_to_send())
+    goaway = None
+    while goaway is None:
+        data = await channel.recv()
+        if not data:
+            break
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.ConnectionTerminated):
+                goaway = ev
+    assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert len(open_mesh.app_requests) < 1200

@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
@@ -36,6 +38,8 @@ log = logging.getLogger("zerotunnel.waypoint")
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_CONCURRENT_STREAMS = 100
+RESET_BURST = 1000
+RESET_RATE = 33.0
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
 _NO_BODY = frozenset({204, 304})
 
@@ -209,6 +213,10 @@ class _H2Session:
             },
         )
         self.requests: dict[int, HttpRequest] = {}
+        self.handling: dict[int, asyncio.Task[None]] = {}
+        self.reset_tokens = float(RESET_BURST)
+        self.reset_stamp = time.monotonic()
+        self.abusive = False
         self.sizes: dict[int, int] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.window = asyncio.Event()
@@ -237,6 +245,8 @@ class _H2Session:
                 for event in events:
                     self._event(event)
                 await self.flush()
+                if self.abusive:
+                    return
                 data = await self.channel.recv()
         finally:
             for task in list(self.tasks):
@@ -276,22 +286,42 @@ class _H2Session:
             assert event.stream_id is not None
             request = self.requests.pop(event.stream_id, None)
             if request is not None:
-                self._spawn(self._handle(event.stream_id, request))
+                self.handling[event.stream_id] = self._spawn(self._handle(event.stream_id, request))
         elif isinstance(event, h2.events.StreamReset):
             assert event.stream_id is not None
             self.requests.pop(event.stream_id, None)
+            task = self.handling.pop(event.stream_id, None)
+            if task is not None:
+                task.cancel()
+            self._count_reset()
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self.window.set()
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
+
+    def _count_reset(self) -> None:
+        """security.md §1d (CVE-2023-44487 rapid reset): a token bucket of client resets per
+        connection, nghttp2's budget; over it the connection gets GOAWAY ENHANCE_YOUR_CALM."""
+        now = time.monotonic()
+        self.reset_tokens = min(RESET_BURST, self.reset_tokens + (now - self.reset_stamp) * RESET_RATE)
+        self.reset_stamp = now
+        self.reset_tokens -= 1
+        if self.reset_tokens < 0 and not self.abusive:
+            self.abusive = True
+            log.warning("HTTP/2 client exceeded the stream reset budget; closing the connection")
+            self.conn.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
 
     async def _handle(self, sid: int, request: HttpRequest) -> None:
-        refusal = _upgrade_refusal(request)
-        response = refusal if refusal is not None else await self.handler(request)
-        await self._respond(sid, request, response)
+        try:
+            refusal = _upgrade_refusal(request)
+            response = refusal if refusal is not None else await self.handler(request)
+            await self._respond(sid, request, response)
+        finally:
+            self.handling.pop(sid, None)
 
     async def _respond(self, sid: int, request: HttpRequest | None, response: HttpResponse) -> None:
         headers = [(":status", str(response.status))]
