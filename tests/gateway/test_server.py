@@ -14,11 +14,15 @@ from cryptography.hazmat.primitives import serialization
 from tests.gateway.conftest import (
     ExternalPki,
     GatewayMesh,
+    b64,
     gateway_spiffe,
+    gateway_yaml,
+    issue,
     mesh_config,
     start_gateway_mesh,
 )
-from tests.waypoint.conftest import Pki
+from tests.waypoint.conftest import SEED, Pki
+from zerotunnel.config import load
 from zerotunnel.policy.decision import Decision
 
 ALLOW_DECISION = Decision(True, None, None, "allowed", 200)
@@ -277,3 +281,58 @@ async def test_http2_over_alpn(gw: GatewayMesh) -> None:
     assert echo["path"] == "/h2" and "CN=client-a" in echo["headers"]["x-forwarded-client-cert"]  # type: ignore[index]
     [line] = [x for x in gw.logs if x.get("path") == "/h2"]
     assert line["protocol"] == "HTTP/2" and line["response_code"] == 200
+
+
+async def test_sni_selects_server_on_shared_port(pki: Pki, ext: ExternalPki, tmp_path: Path) -> None:
+    """Two servers on one port told apart by SNI (Envoy's filter-chain match): app.example.com is
+    MUTUAL, open.example.com is SIMPLE with its own certificate."""
+    open_cert = issue(ext.server_ca, "open.example.com", dns=("open.example.com",), server=True)
+    m = await start_gateway_mesh(pki, ext, tmp_path)
+    try:
+        port = m.mutual_port
+        extra = f"""
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: open-credential, namespace: istio-system}}
+data: {{tls.crt: {b64(open_cert.cert_pem)}, tls.key: {b64(open_cert.key_pem)}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: open, namespace: istio-system}}
+spec:
+  hosts: [open.example.com]
+  gateways: [istio-system/ingress]
+  http: [{{route: [{{destination: {{host: app-a.namespace-a.svc.cluster.local}}}}]}}]
+"""
+        text = gateway_yaml(ext, port, m.optional_port).replace(
+            "  - name: optional\n",
+            f"  - name: open\n    port: {{number: {port}, name: https-open, protocol: HTTPS}}\n"
+            "    hosts: [open.example.com]\n    tls: {mode: SIMPLE, credentialName: open-credential}\n"
+            "  - name: optional\n",
+        )
+        config = load([("mesh.yaml", SEED.read_text()), ("gw.yaml", text + extra)])
+        assert m.gateway.apply(config, m.addresses) == []
+        proc = await asyncio.create_subprocess_exec(
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "--cacert",
+            str(tmp_path / "server-ca.crt"),
+            "--resolve",
+            f"open.example.com:{port}:127.0.0.1",
+            f"https://open.example.com:{port}/open",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err
+        assert _echo(out.decode())["path"] == "/open"
+        assert "x-forwarded-client-cert" not in _echo(out.decode())["headers"]  # type: ignore[operator]
+        # app.example.com on the same port still requires a client certificate
+        assert (await m.curl(None))[0] != 0
+        assert (await m.curl(ext.client_a))[0] == 0
+        assert any("client certificate required" in r for r in _refusals(m))
+    finally:
+        await m.close()

@@ -116,6 +116,11 @@ class PortState:
         whose hosts match the requested name (Envoy's filter-chain match on server names)."""
         if len(self.contexts) < 2:
             return
+        # OpenSSL keeps the first context's verify mode across the SNI switch (the CA store does
+        # follow): request a certificate whenever any server here wants one; MUTUAL's "required" is
+        # then enforced after the handshake.
+        if any(p.mode in ("MUTUAL", "OPTIONAL_MUTUAL") for p in self.plans):
+            self.contexts[next(iter(self.contexts))].verify_mode = ssl.CERT_OPTIONAL
 
         def pick(obj: ssl.SSLObject, sni: str | None, _ctx: ssl.SSLContext) -> None:
             i = self.plan_for_sni(sni)
@@ -301,6 +306,8 @@ class IngressGateway:
         index = state.chosen.pop(id(ssl_object), base_index)
         plan = state.plans[index]
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if plan.mode == "SIMPLE":
+            return index, None
         if der is None:
             if plan.mode == "MUTUAL":
                 self._event(
