@@ -65,15 +65,21 @@ metadata: {name: waypoint, namespace: namespace-a}
 """
 
 
-def seed_with_waypoint(extra: str = "") -> Config:
-    """The seed mesh, namespace-a bound to its waypoint, plus `extra` documents."""
+def seed_with_waypoint(extra: str = "", *, waypoint_for: str = "service") -> Config:
+    """The seed mesh, namespace-a bound to its waypoint (taking `waypoint_for` traffic), plus `extra`."""
     text = SEED.read_text().replace(
         "  name: namespace-a\n  labels:\n    istio.io/dataplane-mode: ambient\n",
         "  name: namespace-a\n  labels:\n    istio.io/dataplane-mode: ambient\n"
         "    istio.io/use-waypoint: waypoint\n",
     )
     assert "use-waypoint" in text
-    return load([("mesh.yaml", text), ("waypoint.yaml", WAYPOINT_YAML), ("extra.yaml", extra)])
+    waypoint = WAYPOINT_YAML.replace(
+        "metadata: {name: waypoint, namespace: namespace-a}\nspec:\n  gatewayClassName",
+        "metadata: {name: waypoint, namespace: namespace-a, "
+        f"labels: {{istio.io/waypoint-for: {waypoint_for}}}}}\nspec:\n  gatewayClassName",
+    )
+    assert "waypoint-for" in waypoint
+    return load([("mesh.yaml", text), ("waypoint.yaml", waypoint), ("extra.yaml", extra)])
 
 
 @dataclass

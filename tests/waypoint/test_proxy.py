@@ -12,8 +12,10 @@ import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from tests.waypoint.conftest import TD, Mesh, Pki, seed_with_waypoint, start_mesh
+from tests.waypoint.conftest import SEED_POLICY, TD, Mesh, Pki, seed_with_waypoint, start_mesh
 from zerotunnel.identity.spiffe import SpiffeId
+from zerotunnel.node.hbone_client import HboneConnectError
+from zerotunnel.waypoint.http import exchange
 
 
 async def test_seed_policy_allows_get_data_from_app_b(mesh: Mesh) -> None:
@@ -301,4 +303,41 @@ async def mesh_factory(pki: Pki) -> AsyncIterator[Any]:
 
     yield make
     for m in made:
+        await m.close()
+
+
+async def test_workload_addressed_traffic(pki: Pki) -> None:
+    """A waypoint for `all` also takes traffic addressed to the pod itself (authority podIP:port,
+    §2.4 step 4); one for `service` refuses it (503: not bound to this waypoint)."""
+    m = await start_mesh(
+        pki,
+        seed_with_waypoint(
+            SEED_POLICY.replace(
+                'kind: Service, group: "", name: app-a',
+                "kind: Gateway, group: gateway.networking.k8s.io, name: waypoint",
+            ),
+            waypoint_for="all",
+        ),
+    )
+    try:
+        app_ip = m.addresses.pod_ips["namespace-a/app-a"]
+        channel = await m.open(authority=f"{app_ip}:8080")
+        response = await exchange(channel, "GET", "/data", f"{app_ip}:8080", [], b"", timeout=10)
+        assert response.status == 200
+        assert json.loads(response.body)["path"] == "/data"
+        channel = await m.open(authority=f"{app_ip}:8080")
+        denied = await exchange(channel, "POST", "/data", f"{app_ip}:8080", [], b"", timeout=10)
+        assert (denied.status, denied.body) == (403, b"RBAC: access denied")
+    finally:
+        await m.close()
+    m = await start_mesh(pki, seed_with_waypoint(SEED_POLICY))
+    try:
+        app_ip = m.addresses.pod_ips["namespace-a/app-a"]
+        try:
+            await m.open(authority=f"{app_ip}:8080")
+        except HboneConnectError as exc:
+            assert exc.status == 503
+        else:
+            raise AssertionError("a service waypoint accepted workload-addressed traffic")
+    finally:
         await m.close()
