@@ -163,3 +163,15 @@ def test_without_root_up_names_what_it_needs() -> None:
     assert res.returncode == 2, res.stderr
     shutil.rmtree(where)
     assert "needs root" in res.stderr and "CAP_NET_ADMIN" in res.stderr and "--no-netns" in res.stderr
+
+
+def test_traffic_command_reports_a_missing_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from zerotunnel.cli.cluster import traffic
+
+    monkeypatch.setenv(STATE_ENV, str(tmp_path))
+    res = CliRunner().invoke(traffic, ["--name", "nosuch", "a/b=http://x/"])
+    assert res.exit_code == 2 and "cluster 'nosuch' is not up" in res.output
+    bad = CliRunner().invoke(traffic, ["--name", "nosuch", "no-slash=http://x/"])
+    assert bad.exit_code == 2

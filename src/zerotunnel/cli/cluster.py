@@ -224,3 +224,15 @@ def logs(name: str, namespace: str | None, follow: bool, target: str) -> None:
             if not follow or not path.exists() or cdir.supervisor_pid() is None:
                 break
             time.sleep(0.2)
+
+
+@click.command("traffic", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def traffic(args: tuple[str, ...]) -> None:
+    """Send requests between pods and explain each decision: [--name N] [-o json] [--expect D] NS/POD=URL…
+
+    The same as `python -m zerotunnel.cluster.traffic` (see its --help).
+    """
+    from zerotunnel.cluster import traffic as matrix
+
+    sys.exit(matrix.main(list(args)))
