@@ -268,6 +268,9 @@ class IngressGateway:
             writer.transport.abort()
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             writer.transport.abort()
+        except Exception:  # one connection's failure never reaches the others
+            log.exception("connection from %s failed", src)
+            writer.transport.abort()
         finally:
             with contextlib.suppress(Exception):
                 writer.close()

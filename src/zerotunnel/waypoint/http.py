@@ -234,8 +234,12 @@ class TcpChannel:
         await self.writer.drain()
 
     def send_eof(self) -> None:
-        with contextlib.suppress(OSError):
-            self.writer.write_eof()
+        """Half-close where the transport can (plain TCP); TLS cannot half-close, so it closes."""
+        with contextlib.suppress(OSError, RuntimeError):
+            if self.writer.can_write_eof():
+                self.writer.write_eof()
+            else:
+                self.writer.close()
 
     def abort(self, reason: str) -> None:
         self.writer.transport.abort()
