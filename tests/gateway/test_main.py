@@ -120,3 +120,31 @@ async def test_gateway_process_routes_and_reloads_secret(ext: ExternalPki, tmp_p
         x["message"] == "tls handshake failed" and "unable to get local issuer" in x["error"] for x in lines
     ), err_bytes.decode()[-2000:]
     assert {str(r.source_identity) for r in seen} == {f"spiffe://{TD}/ns/istio-system/sa/{GATEWAY_SA}"}
+
+
+def test_no_gateway_in_config_is_one_line_exit_2(tmp_path: Path) -> None:
+    import subprocess
+
+    (tmp_path / "ca").mkdir()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "zerotunnel",
+            "gateway",
+            "-f",
+            str(SEED),
+            "--ca-dir",
+            str(tmp_path / "ca"),
+            "--metrics",
+            "off",
+            "--readiness",
+            "off",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: the configuration has no networking.istio.io Gateway"

@@ -154,3 +154,34 @@ async def test_waypoint_process_enforces_seed_policy(tmp_path: Path) -> None:
         ("POST", 403),
         ("GET", 403),
     ], err
+
+
+def test_missing_ca_dir_is_one_line_exit_2(tmp_path: Path) -> None:
+    import subprocess
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "zerotunnel",
+            "waypoint",
+            "--gateway",
+            "namespace-a/waypoint",
+            "-f",
+            str(SEED),
+            "-f",
+            str(EXAMPLE),
+            "--ca-dir",
+            str(tmp_path / "none"),
+            "--metrics",
+            "off",
+            "--readiness",
+            "off",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: --ca-dir {tmp_path / 'none'}: no such CA directory"

@@ -26,7 +26,7 @@ from zerotunnel.gateway.server import IngressGateway
 from zerotunnel.identity.spiffe import SpiffeId
 from zerotunnel.mesh.build import Addresses
 from zerotunnel.node import admin
-from zerotunnel.node.certs import CertificateManager, LocalCaClient
+from zerotunnel.node.certs import CertificateError, CertificateManager, LocalCaClient
 from zerotunnel.node.main import read_addresses
 from zerotunnel.waypoint.telemetry import RequestTelemetry
 
@@ -56,7 +56,7 @@ def parse_gateway(value: str | None) -> str | None:
 def identity_for(config: Config, gateway: str | None) -> SpiffeId:
     gateways = selected_gateways(config, gateway)
     if not gateways:
-        which = f"Gateway {gateway}" if gateway else "any networking.istio.io Gateway"
+        which = f"Gateway {gateway}" if gateway else "networking.istio.io Gateway"
         raise InputError(f"the configuration has no {which}")
     return SpiffeId.parse(gateway_identity(config, gateways[0]))
 
@@ -64,6 +64,8 @@ def identity_for(config: Config, gateway: str | None) -> SpiffeId:
 class GatewayRunner:
     def __init__(self, options: GatewayOptions) -> None:
         self.options = options
+        if not options.ca_dir.is_dir():
+            raise InputError(f"--ca-dir {options.ca_dir}: no such CA directory")
         self.source = FileConfigSource(options.config_paths)
         self.stop = asyncio.Event()
         self.config: Config = self.source.load().config
@@ -130,7 +132,10 @@ class GatewayRunner:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
-        credentials = await self.certs.acquire(self.identity)
+        try:
+            credentials = await self.certs.acquire(self.identity)
+        except CertificateError as exc:
+            raise InputError(f"cannot obtain a certificate for {self.identity}: {exc.message}") from None
         self.gateway = IngressGateway(
             credentials,
             gateway=self.options.gateway,

@@ -27,7 +27,7 @@ from zerotunnel.mesh.build import Addresses
 from zerotunnel.mesh.model import WaypointRef
 from zerotunnel.node import admin
 from zerotunnel.node.accesslog import AccessLog
-from zerotunnel.node.certs import CertificateManager, LocalCaClient
+from zerotunnel.node.certs import CertificateError, CertificateManager, LocalCaClient
 from zerotunnel.node.main import read_addresses
 from zerotunnel.waypoint.proxy import Waypoint, waypoint_identity
 from zerotunnel.waypoint.telemetry import RequestTelemetry
@@ -88,6 +88,8 @@ async def fetch_jwks(uris: set[str], previous: dict[str, str]) -> dict[str, str]
 class WaypointRunner:
     def __init__(self, options: WaypointOptions) -> None:
         self.options = options
+        if not options.ca_dir.is_dir():
+            raise InputError(f"--ca-dir {options.ca_dir}: no such CA directory")
         self.source = FileConfigSource(options.config_paths)
         self.stop = asyncio.Event()
         loaded = self.source.load()
@@ -160,7 +162,10 @@ class WaypointRunner:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
         identity = waypoint_identity(self.config, self.options.gateway)
-        credentials = await self.certs.acquire(identity)
+        try:
+            credentials = await self.certs.acquire(identity)
+        except CertificateError as exc:
+            raise InputError(f"cannot obtain a certificate for {identity}: {exc.message}") from None
         access = AccessLog(sink=lambda line: print(line, flush=True))
         self.waypoint = Waypoint(
             self.options.gateway, credentials, telemetry=self.telemetry, access_log=access
