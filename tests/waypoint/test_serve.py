@@ -285,3 +285,50 @@ async def test_h2_rapid_reset_gets_goaway(open_mesh: Mesh) -> None:
                 goaway = ev
     assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
     assert len(open_mesh.app_requests) < 1200
+
+
+SMUGGLE_POLICY = (
+    ALLOW_ALL
+    + """
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: namespace-a}
+spec:
+  targetRefs: [{kind: Service, group: "", name: app-a}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+"""
+)
+
+
+async def test_request_smuggling_attempts_never_reach_the_app(pki: Pki) -> None:
+    """CL+TE, duplicate Content-Length, obs-fold: refused (400) or re-framed by the waypoint — a
+    hidden `GET /admin` never reaches the app without its own policy check (security.md §1a/§1b)."""
+    m = await start_mesh(pki, seed_with_waypoint(SMUGGLE_POLICY))
+    hidden = b"GET /admin HTTP/1.1\r\nHost: " + HOST + b"\r\n\r\n"
+    attacks = [
+        b"POST /x HTTP/1.1\r\nHost: " + HOST + b"\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\n" + hidden,
+        b"POST /x HTTP/1.1\r\nHost: "
+        + HOST
+        + b"\r\nContent-Length: 0\r\nContent-Length: "
+        + str(len(hidden)).encode()
+        + b"\r\n\r\n"
+        + hidden,
+        b"POST /x HTTP/1.1\r\nHost: "
+        + HOST
+        + b"\r\nTransfer-Encoding: chunked\r\n folded\r\n\r\n0\r\n\r\n"
+        + hidden,
+        b"POST /x HTTP/1.1\r\nHost: " + HOST + b"\r\nTransfer-Encoding: xchunked\r\n\r\n" + hidden,
+    ]
+    try:
+        for attack in attacks:
+            channel = await m.open()
+            await channel.send(attack)
+            channel.send_eof()
+            for status, _ in _responses(await _read_all(channel)):
+                assert status in (200, 400, 403, 501), status
+        assert not any("/admin" in line for line in m.app_requests), m.app_requests
+    finally:
+        await m.close()
