@@ -97,15 +97,40 @@ def findings() -> dict[str, dict[str, bytes]]:
     uri = str(targets.IDENTITY).encode()
     san_tag = b"\x86" + bytes([len(uri)]) + uri
     assert san_tag in leaf and b"\x03B\x00\x04" in csr_der
+    # two extensions with 3-byte OIDs; renaming inhibitAnyPolicy (2.5.29.54) to basicConstraints
+    # (2.5.29.19) gives a duplicate extension, which cryptography reports only when it is read
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    dup_builder = (
+        x509.CertificateBuilder().subject_name(x509.Name([]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
+        .public_key(key.public_key()).serial_number(1)
+        .not_valid_before(targets.NOW - timedelta(days=1)).not_valid_after(targets.NOW + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.InhibitAnyPolicy(0), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri.decode())]),
+                       critical=True)
+    )
+    dup_der = dup_builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+    assert b"\x06\x03\x55\x1d\x36" in dup_der
+    dup_leaf = dup_der.replace(b"\x06\x03\x55\x1d\x36", b"\x06\x03\x55\x1d\x13", 1)
+    csr_dup = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(x509.InhibitAnyPolicy(0), critical=False)
+               .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+    csr_dup = csr_dup.replace(b"\x06\x03\x55\x1d\x36", b"\x06\x03\x55\x1d\x13", 1)
     return {
         # cryptography parses CSR keys/versions lazily: ValueError, UnsupportedAlgorithm, InvalidVersion
         "csr": {
             "invalid-ec-point": csr_der.replace(b"\x03B\x00\x04", b"\x03B\x00\x00", 1),
             "unknown-key-oid": csr_der.replace(b"*\x86H\xce=\x02\x01", b"\x00\x86H\xce=\x02\x01", 1),
             "version-1": csr_der.replace(b"\x02\x01\x00", b"\x02\x01\x01", 1),
+            "duplicate-extension": csr_dup,
         },
         "verify": {  # a leaf whose SAN fails to parse only when read (ValueError out of verify_peer)
             "san-bad-tag": leaf.replace(san_tag, b"\x00" + san_tag[1:], 1),
+            "duplicate-extension": dup_leaf,  # atheris, verify target
         },
         "authority": {  # `$` matched before a trailing newline
             "trailing-newline-host": b"a.b\n:80",

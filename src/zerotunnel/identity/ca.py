@@ -22,6 +22,11 @@ from zerotunnel.errors import InputError
 from zerotunnel.identity.csr import PrivateKey, generate_key, load_private_key, make_csr, signature_hash
 from zerotunnel.identity.spiffe import SpiffeId
 
+# What cryptography raises for certificates/CSRs whose fields parse lazily (found by fuzzing, see
+# tests/reliability/test_fuzz.py and fuzz/corpus/*/finding-*): a malformed input, never a crash.
+_MALFORMED = (ValueError, UnsupportedAlgorithm, x509.InvalidVersion, x509.DuplicateExtension,
+              x509.UnsupportedGeneralNameType)
+
 DEFAULT_ROOT_TTL = timedelta(days=3650)
 DEFAULT_INTERMEDIATE_TTL = timedelta(days=5 * 365)
 DEFAULT_WORKLOAD_TTL = timedelta(hours=24)
@@ -374,7 +379,7 @@ class CertificateAuthority:
             # parsed lazily: a malformed key or extension raises here, not at load (test_fuzz.py)
             public_key = csr.public_key()
             _ = csr.extensions
-        except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
+        except _MALFORMED as exc:
             raise CaError(f"CSR is not a PEM certificate request ({exc})") from None
         if not signature_ok:
             raise CaError("CSR signature does not verify")

@@ -38,6 +38,11 @@ from zerotunnel.identity.bundle import TrustBundle
 from zerotunnel.identity.ca import signed_by
 from zerotunnel.identity.spiffe import SpiffeId, SpiffeIdError
 
+# What cryptography raises for certificates/CSRs whose fields parse lazily (found by fuzzing, see
+# tests/reliability/test_fuzz.py and fuzz/corpus/*/finding-*): a malformed input, never a crash.
+_MALFORMED = (ValueError, UnsupportedAlgorithm, x509.InvalidVersion, x509.DuplicateExtension,
+              x509.UnsupportedGeneralNameType)
+
 PeerRole = Literal["client", "server"]
 """The TLS role of the peer being verified: a server checks a `client` peer (needs clientAuth)."""
 
@@ -324,7 +329,7 @@ def verify_peer(
     """
     try:
         return _verify_peer(leaf, intermediates, bundle, now, expected_ids, peer_role)
-    except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
+    except _MALFORMED as exc:
         raise VerificationError(Reason.MALFORMED, f"malformed certificate ({exc})") from None
 
 
