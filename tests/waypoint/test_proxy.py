@@ -8,11 +8,22 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
+import pytest
 import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from tests.waypoint.conftest import SEED_POLICY, TD, Mesh, Pki, seed_with_waypoint, start_mesh
+from tests.waypoint.conftest import (
+    SEED,
+    SEED_POLICY,
+    TD,
+    WAYPOINT_YAML,
+    Mesh,
+    Pki,
+    seed_with_waypoint,
+    start_mesh,
+)
+from zerotunnel.config import load
 from zerotunnel.identity.spiffe import SpiffeId
 from zerotunnel.node.hbone_client import HboneConnectError
 from zerotunnel.waypoint.http import exchange
@@ -345,8 +356,26 @@ async def test_workload_addressed_traffic(pki: Pki) -> None:
         try:
             await m.open(authority=f"{app_ip}:8080")
         except HboneConnectError as exc:
-            assert exc.status == 503
+            assert exc.status == 401  # refused: "... is not served by waypoint namespace-a/waypoint"
         else:
             raise AssertionError("a service waypoint accepted workload-addressed traffic")
     finally:
         await m.close()
+
+
+async def test_unbinding_closes_live_tunnels(mesh: Mesh) -> None:
+    """security.md rule 11: a configuration that takes app-a away from the waypoint closes its live
+    tunnels; a new one is refused."""
+    channel = await mesh.open()
+    first = await exchange(channel, "GET", "/data", "app-a", [], b"", timeout=10)
+    assert first.status == 200
+    config = load([("mesh.yaml", SEED.read_text()), ("waypoint.yaml", WAYPOINT_YAML)])  # no use-waypoint
+    assert mesh.waypoint.apply(config, mesh.addresses, 2) == 1
+    with pytest.raises(ConnectionResetError):
+        await channel.recv()
+    try:
+        await mesh.open()
+    except HboneConnectError as exc:
+        assert exc.status == 401
+    else:
+        raise AssertionError("tunnel to an unbound destination accepted")

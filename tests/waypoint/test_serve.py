@@ -213,7 +213,7 @@ async def test_destination_not_bound_to_waypoint_refused(open_mesh: Mesh) -> Non
     try:
         await open_mesh.open(authority="10.96.99.99:80")
     except HboneConnectError as exc:
-        assert exc.status == 503
+        assert exc.status == 401  # refused: "... is not served by waypoint namespace-a/waypoint"
     else:
         raise AssertionError("tunnel to an unbound destination was accepted")
 

@@ -2,9 +2,10 @@
 
 istio-ambient.md §6.1: a waypoint receives only HBONE (15008) and only for what is bound to it (a
 Service VIP whose service, or a pod IP whose workload, uses this waypoint, §2.4); anything else is
-refused with 503. Inside each tunnel it serves HTTP/1.1 or HTTP/2 (serve.py); each request is decided
-by the policy engine (`Engine.check_l7`: 400 for a malformed request, 401 for a bad JWT, 403
-`RBAC: access denied`, §6.2), normalized once as the mesh config says (§6.3, security.md §1a) and
+refused (HBONE 401 `... is not served by waypoint <ns>/<name>`), and a configuration that unbinds a
+destination closes its live tunnels. Inside each tunnel it serves HTTP/1.1 or HTTP/2 (serve.py);
+each request is decided by the policy engine (`Engine.check_l7`: 400 for a malformed request, 401
+for a bad JWT, 403 `RBAC: access denied`, §6.2), normalized once as the mesh config says (§6.3, security.md §1a) and
 forwarded — normalized path, sanitized headers (security.md §1b) — over HBONE to an endpoint chosen by
 `mesh.routing` (forward.py). The destination node proxy therefore sees the waypoint's identity.
 
@@ -172,7 +173,7 @@ class Waypoint:
         self.forwarder = MeshForwarder(self.pool, cluster)
         self.server = HboneServer(
             credentials,
-            authorize=lambda _r: ALLOW_TUNNEL,
+            authorize=self._authorize_tunnel,
             local_workload=self._local_workload,
             connect_upstream=self._connect,
             metrics=self.metrics,
@@ -186,11 +187,22 @@ class Waypoint:
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    def apply(self, config: Config, addresses: Addresses, version: int) -> None:
-        """Swap in a new configuration; the next request is decided under it."""
+    def apply(self, config: Config, addresses: Addresses, version: int) -> int:
+        """Swap in a new configuration: the next request is decided under it, and live tunnels to a
+        destination no longer bound to this waypoint are closed (security.md rule 11). Returns how
+        many were closed."""
         state = build_mesh(config, addresses)
         sources = frozenset(gateway_identity(config, g) for g in config.gateways)
         self.snapshot = WaypointSnapshot(version, config, state, Engine.from_config(config), sources)
+        return self.server.recheck()
+
+    def _authorize_tunnel(self, request: InboundRequest) -> Decision:
+        """Per tunnel only the binding (§6.1); the policies are applied to every request."""
+        if self.binding(request.target[0]) is None:
+            return Decision(
+                False, None, None, f"{request.authority} is not served by waypoint {self.ref}", 401
+            )
+        return ALLOW_TUNNEL
 
     async def start(self, host: str = "0.0.0.0", port: int = 15008) -> None:  # noqa: S104 - HBONE listener
         await self.server.start(host, port)
