@@ -7,7 +7,8 @@ destination closes its live tunnels. Inside each tunnel it serves HTTP/1.1 or HT
 each request is decided by the policy engine (`Engine.check_l7`: 400 for a malformed request, 401
 for a bad JWT, 403 `RBAC: access denied`, §6.2), normalized once as the mesh config says (§6.3,
 security.md §1a) and forwarded — normalized path, sanitized headers (security.md §1b) — over HBONE
-to an endpoint chosen by `mesh.routing` (forward.py). The destination node proxy therefore sees the waypoint's identity.
+to an endpoint chosen by `mesh.routing` (forward.py). The destination node proxy therefore sees
+the waypoint's identity.
 
 The TLS, CONNECT handling and tunnel bookkeeping are the node proxy's `HboneServer` (with its
 `waypoint=True` hook: the authority names the destination behind us, not our own IP).
