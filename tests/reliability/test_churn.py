@@ -148,7 +148,7 @@ class _Echoer:
 def test_held_tunnels(env: Any, rel: Any, figures: Any) -> None:
     """1,000 concurrent tunnels held 30 s, each echoing every second → 0 drops; RSS per tunnel
     recorded; flat while held; everything released after."""
-    n, hold = rel.scale(1000, 4000), rel.scale(30, 300)
+    n, hold = rel.scale(1000, 2000), rel.scale(30, 300)
 
     async def main() -> dict[str, Any]:
         app = await env.app("echo")

@@ -79,7 +79,9 @@ def test_silent_and_garbage_flood_reaped_while_legit_client_works(env: Any, rel:
 
     async def main() -> dict[str, Any]:
         app = await env.app("echo")
-        server = await env.server(handshake_timeout=1.0)
+        # the pending-handshake cap (its own test below) is set above the flood, so every silent
+        # socket is admitted and must be reaped by the timeout
+        server = await env.server(handshake_timeout=1.0, max_pending_handshakes=silent_n + garbage_n + 64)
         probe = rel.Probe(env, server, app)
         for _ in range(5):
             await probe.once()
