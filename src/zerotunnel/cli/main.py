@@ -29,8 +29,8 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("cluster", "status"),
     "exec": ("cluster", "exec_"),
     "logs": ("cluster", "logs"),
+    "traffic": ("cluster", "traffic"),
     "demo-app": ("demo_app", "demo_app"),
-    "bench": ("bench", "bench"),
 }
 
 
