@@ -165,12 +165,14 @@ async def test_through_waypoint_l7_policy_on_external_identity(
         code, body, err = await m.curl(ext.client_b)
         assert code == 0, err
         assert body == "RBAC: access denied"
+        echo = _echo((await m.curl(ext.client_a))[1])
+        assert echo["headers"]["x-forwarded-proto"] == "https"  # type: ignore[index]
         # the gateway went through the waypoint; app-a's node proxy saw the waypoint's identity
         assert {str(r.source_identity) for r in m.seen} == {
             "spiffe://cluster.local/ns/namespace-a/sa/waypoint"
         }
         wp_logs = [json.loads(x) for x in m.waypoint_lines]
-        assert [x["response_code"] for x in wp_logs] == [200, 403]
+        assert [x["response_code"] for x in wp_logs] == [200, 403, 200]
         assert {x["src_identity"] for x in wp_logs} == {gateway_spiffe()}
     finally:
         await m.close()

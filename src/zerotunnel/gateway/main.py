@@ -177,9 +177,6 @@ def run(options: GatewayOptions) -> None:
     async def main() -> None:
         await GatewayRunner(options).run()
 
-    try:
-        import uvloop
-    except ImportError:  # uvloop is optional (DESIGN.md §5)
-        asyncio.run(main())
-    else:
-        uvloop.run(main())
+    # Not uvloop: its TLS transport reports some refused client handshakes as a bare connection
+    # reset, losing the reason the operator needs (unknown CA, expired); asyncio's reports them all.
+    asyncio.run(main())

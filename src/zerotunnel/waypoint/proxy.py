@@ -336,7 +336,9 @@ class Waypoint:
             return text_response(400, f"Bad Request: {exc.message}\n")
         target = normalized.path + (f"?{normalized.query}" if normalized.query else "")
         headers = sanitize_request_headers(request.headers)
-        headers += forwarding_headers(request, tunnel.src_addr[0], proto="http") + kept
+        # behind an ingress gateway the client's scheme is the gateway's to state (§7.3)
+        proto = (request.header("x-forwarded-proto") if trusted else None) or "http"
+        headers += forwarding_headers(request, tunnel.src_addr[0], proto=proto) + kept
         response = await self.forwarder.forward(
             snapshot.state,
             self._self_workload(snapshot.state),
