@@ -172,7 +172,9 @@ class Mesh:
         await self.app.close()
 
 
-async def start_mesh(pki: Pki, config: Config, *, jwks: dict[str, str] | None = None) -> Mesh:
+async def start_mesh(
+    pki: Pki, config: Config, *, jwks: dict[str, str] | None = None, vips: dict[str, str] | None = None
+) -> Mesh:
     net = _subnet()
     app_ip, wp_ip = f"{net}.2", f"{net}.3"
     addresses = Addresses(
@@ -182,7 +184,7 @@ async def start_mesh(pki: Pki, config: Config, *, jwks: dict[str, str] | None = 
             "namespace-c/app-c": f"{net}.5",
             "namespace-a/waypoint-0": wp_ip,
         },
-        service_vips={"namespace-a/app-a": VIP},
+        service_vips={"namespace-a/app-a": VIP, **(vips or {})},
     )
     app_requests: list[str] = []
     app = await start_demo_app(app_ip, 8080, "app-a", log=app_requests.append)

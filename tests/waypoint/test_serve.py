@@ -3,6 +3,7 @@ h2c prior knowledge, header bounds, header hygiene, backend failures — over re
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -330,5 +331,55 @@ async def test_request_smuggling_attempts_never_reach_the_app(pki: Pki) -> None:
             for status, _ in _responses(await _read_all(channel)):
                 assert status in (200, 400, 403, 501), status
         assert not any("/admin" in line for line in m.app_requests), m.app_requests
+    finally:
+        await m.close()
+
+
+TCP_SERVICE = """
+apiVersion: v1
+kind: Service
+metadata: {name: app-a-raw, namespace: namespace-a}
+spec:
+  selector: {app: app-a}
+  ports: [{name: tcp-raw, port: 9000, targetPort: 8080}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: raw-from-b, namespace: namespace-a}
+spec:
+  targetRefs: [{kind: Service, group: "", name: app-a-raw}]
+  action: ALLOW
+  rules: [{from: [{source: {namespaces: [namespace-b]}}]}]
+"""
+RAW_VIP = "10.96.0.20"
+
+
+async def test_tcp_port_relayed_with_tcp_chain_policy(pki: Pki) -> None:
+    """A `tcp-` port is relayed as bytes (§4.6): no HTTP parsing (a header the HTTP path would strip
+    arrives untouched), source-only rules decide, a denial closes the connection."""
+    m = await start_mesh(pki, seed_with_waypoint(TCP_SERVICE), vips={"namespace-a/app-a-raw": RAW_VIP})
+    try:
+        channel = await m.open(authority=f"{RAW_VIP}:9000")
+        await channel.send(
+            b"GET /raw HTTP/1.1\r\nHost: x\r\nx-forwarded-client-cert: raw\r\nConnection: close\r\n\r\n"
+        )
+        [(status, body)] = _responses(await _read_all(channel))
+        assert status == 200
+        assert json.loads(body)["headers"]["x-forwarded-client-cert"] == "raw"
+        channel.send_eof()
+        denied = await m.open("namespace-c", "service-account-c", authority=f"{RAW_VIP}:9000")
+        try:  # closed without an HTTP answer: EOF or reset, depending on timing
+            await denied.send(b"GET /raw HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert await _read_all(denied) == b""
+        except ConnectionResetError:
+            pass
+        for _ in range(100):  # both relays log when they end
+            lines = [x for x in m.logs if x["protocol"] == "TCP"]
+            if len(lines) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert [x["response_flags"] for x in lines] == ["-", "UAEX"]
+        assert lines[1]["reason"] == "allow policies exist, but none allowed"
+        assert "istio_requests_total{" not in m.waypoint.telemetry.render().decode()
     finally:
         await m.close()

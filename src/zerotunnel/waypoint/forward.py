@@ -166,3 +166,46 @@ class MeshForwarder:
             )
             return StreamChannel(await self.pool.connect(key, route.authority, extra))
         return await TcpChannel.open(route.ip, route.port)
+
+    async def open_stream(
+        self, state: MeshState, source: Workload, dst: tuple[str, int], record: RequestRecord
+    ) -> ByteChannel:
+        """A raw byte channel to the endpoint chosen for `dst` (the waypoint's TCP path, §4.6).
+        Raises RoutingError, HboneConnectError or OSError."""
+        route = plan_outbound(state, source, dst[0], dst[1], next(self._pick))
+        key: PoolKey | None = None
+        if isinstance(route, HboneRoute):
+            record.upstream_host = f"{route.next_hop_ip}:{route.next_hop_port}"
+            record.dst_identity = ",".join(route.expected_identities)
+            key = PoolKey(
+                src_identity=SpiffeId.parse(source.identity),
+                dst_identities=frozenset(SpiffeId.parse(i) for i in route.expected_identities),
+                dst=(route.next_hop_ip, route.next_hop_port),
+            )
+        else:
+            record.upstream_host = f"{route.ip}:{route.port}"
+        return await self._open(route, key, source)
+
+
+async def pipe(a: ByteChannel, b: ByteChannel) -> tuple[int, int]:
+    """Copy both ways until both sides ended (half-close kept); returns (bytes a→b, bytes b→a)."""
+
+    async def copy(src: ByteChannel, dst: ByteChannel) -> int:
+        total = 0
+        while data := await src.recv():
+            total += len(data)
+            await dst.send(data)
+        dst.send_eof()
+        return total
+
+    up = asyncio.ensure_future(copy(a, b))
+    down = asyncio.ensure_future(copy(b, a))
+    try:
+        sent, received = await asyncio.gather(up, down)
+    except (ConnectionError, OSError) as exc:
+        up.cancel()
+        down.cancel()
+        a.abort(str(exc))
+        b.abort(str(exc))
+        return 0, 0
+    return sent, received

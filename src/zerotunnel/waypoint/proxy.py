@@ -29,8 +29,9 @@ from zerotunnel.gateway.config import gateway_identity
 from zerotunnel.identity.spiffe import SpiffeId
 from zerotunnel.mesh.build import Addresses, build_mesh
 from zerotunnel.mesh.model import MeshService, MeshState, WaypointRef, Workload
+from zerotunnel.mesh.routing import RoutingError
 from zerotunnel.node.accesslog import AccessLog
-from zerotunnel.node.hbone_client import HbonePool
+from zerotunnel.node.hbone_client import HboneConnectError, HbonePool
 from zerotunnel.node.hbone_conn import HboneStream
 from zerotunnel.node.hbone_server import HboneServer, InboundRejected, InboundRequest, LocalWorkload
 from zerotunnel.node.metrics import ProxyMetrics
@@ -40,7 +41,7 @@ from zerotunnel.policy.decision import RBAC_DENIED_BODY, Decision
 from zerotunnel.policy.engine import Engine
 from zerotunnel.policy.l7 import L7Request
 from zerotunnel.policy.normalize import BadRequest, normalize
-from zerotunnel.waypoint.forward import MeshForwarder
+from zerotunnel.waypoint.forward import MeshForwarder, pipe
 from zerotunnel.waypoint.http import (
     HttpRequest,
     HttpResponse,
@@ -55,6 +56,7 @@ from zerotunnel.waypoint.serve import serve_http
 from zerotunnel.waypoint.telemetry import RequestRecord, RequestTelemetry
 
 log = logging.getLogger("zerotunnel.waypoint")
+TCP_PROTOCOLS = frozenset({"tcp", "tls", "https", "mongo", "mysql", "redis"})
 XFCC = "x-forwarded-client-cert"
 
 ALLOW_TUNNEL = Decision(True, None, None, "waypoint: policy is applied per request", 200)
@@ -119,7 +121,10 @@ class _Tunnel(TcpRelay):
     async def _run(self) -> None:
         assert self.channel is not None
         try:
-            await serve_http(self.channel, self._handle)
+            if self.waypoint.is_tcp(self.binding, self.request.target[1]):
+                await self.waypoint.relay_tcp(self.request, self.binding, self.channel)
+            else:
+                await serve_http(self.channel, self._handle)
         except (ConnectionError, OSError) as exc:
             self.error = self.error or f"connection closed: {exc}"
         except asyncio.CancelledError:
@@ -253,6 +258,69 @@ class Waypoint:
         return cast(TcpRelay, _Tunnel(self, request, binding))
 
     # -- requests ---------------------------------------------------------------------------------
+
+    def is_tcp(self, binding: Binding, port: int) -> bool:
+        """Istio's protocol selection for the addressed port: `appProtocol`, else the port name's
+        prefix (`tcp-db`, `tls`, `https`, `mongo`…) declares a non-HTTP port, which the waypoint
+        relays as TCP after the TCP-chain policy check (§4.6) instead of parsing it as HTTP."""
+        snapshot = self.snapshot
+        if snapshot is None or binding.service is None:
+            return False
+        svc = snapshot.config.service(binding.service.namespace, binding.service.name)
+        spec = next((p for p in svc.ports if p.port == port), None) if svc is not None else None
+        if spec is None:
+            return False
+        declared = (spec.app_protocol or spec.name or "").lower().split("-", 1)[0]
+        return declared in TCP_PROTOCOLS
+
+    async def relay_tcp(self, tunnel: InboundRequest, binding: Binding, channel: StreamChannel) -> None:
+        """§4.6: policies decide with Envoy's TCP-chain semantics; a denial closes the connection."""
+        snapshot = self.snapshot
+        assert snapshot is not None
+        started = time.monotonic()
+        service = binding.service
+        record = RequestRecord(
+            method="-",
+            path="-",
+            authority=str(tunnel.authority),
+            protocol="TCP",
+            src_addr=f"{tunnel.src_addr[0]}:{tunnel.src_addr[1]}",
+            src_identity=str(tunnel.source_identity),
+        )
+        record.dst_service = service.hostname if service is not None else None
+        l7 = L7Request(
+            method="",
+            path="",
+            host="",
+            port=tunnel.target[1],
+            source_identity=str(tunnel.source_identity),
+            source_ip=tunnel.src_addr[0],
+            destination_ip=tunnel.target[0],
+        )
+        decision = snapshot.engine.check_l7_tcp(
+            self.ref.namespace,
+            self.ref.name,
+            l7,
+            service=(service.namespace, service.name) if service is not None else None,
+        )
+        record.policy, record.reason = decision.policy, decision.reason
+        if not decision.allowed:
+            record.response_flags = "UAEX"
+            record.response_code_details = "rbac_access_denied"
+            channel.abort("connection closed due to policy rejection")
+        else:
+            try:
+                upstream = await self.forwarder.open_stream(
+                    snapshot.state, self._self_workload(snapshot.state), tunnel.target, record
+                )
+            except (RoutingError, HboneConnectError, OSError, TimeoutError) as exc:
+                record.response_flags = "UF"
+                record.reason = getattr(exc, "message", None) or str(exc)
+                channel.abort(record.reason)
+            else:
+                record.bytes_received, record.bytes_sent = await pipe(channel, upstream)
+        record.duration_ms = (time.monotonic() - started) * 1000
+        self.telemetry.record(record)
 
     def _self_workload(self, state: MeshState) -> Workload:
         uid = state.waypoints.get(self.ref)

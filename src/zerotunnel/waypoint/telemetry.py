@@ -121,6 +121,13 @@ class RequestTelemetry:
         """Label tuple → metric children: resolving labels is a measurable share of a request."""
 
     def record(self, rec: RequestRecord) -> None:
+        if rec.protocol == "TCP":  # a relayed TCP stream: a log line, not an HTTP request metric
+            body = {name: value for name in _RECORD_FIELDS if (value := getattr(rec, name)) is not None}
+            body.pop("response_code", None)
+            body["duration_ms"] = round(rec.duration_ms, 3)
+            level = "info" if rec.response_flags == "-" else "warn"
+            self._emit(level, "connection complete", body)
+            return
         key = (
             self.reporter,
             rec.src_workload or UNKNOWN,
