@@ -99,7 +99,7 @@ class _ClientConnection(HboneConnectionProtocol):
         stream = self.register(sid)
         fut: asyncio.Future[int] = self._loop.create_future()
         self._responses[sid] = fut
-        self.flush()
+        self.schedule_flush()
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None

@@ -461,7 +461,7 @@ class _ServerConnection(HboneConnectionProtocol):
         if self.closed:
             return
         self.h2.respond(stream.stream_id, status, headers)
-        self.flush()
+        self.schedule_flush()
         if status != 200:
             self.drop(stream, f"http status: {status}")
 
