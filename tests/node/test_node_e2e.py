@@ -827,3 +827,71 @@ def test_root_rotation_under_traffic(mesh: Mesh) -> None:
         worker.join(30)
     assert results["failed"] == 0, results
     assert results["sent"] > 50
+
+
+def _register_pods(mesh: Mesh, node: str) -> None:
+    for spec in MESH_PODS:
+        if spec.node != node:
+            continue
+        pod = mesh.plan.pod(spec.namespace, spec.name)
+        add = {
+            "op": "add",
+            "uid": f"{spec.namespace}/{spec.name}",
+            "netns": f"/run/netns/{pod.netns}",
+            "ip": str(pod.ip),
+            "workload_api": str(mesh.tmp / "spiffe" / f"{spec.name}.sock"),
+        }
+        deadline = time.monotonic() + 30
+        while (reply := _podapi(mesh.tmp / f"{node}.sock", add)).get("ok") is not True:
+            assert time.monotonic() < deadline, reply
+            time.sleep(0.2)
+
+
+def _until_ok(mesh: Mesh, url: str, timeout: float) -> float:
+    started = time.monotonic()
+    while mesh.curl("namespace-b", "app-b", url).returncode != 0:
+        assert time.monotonic() - started < timeout, f"{url} did not recover within {timeout}s"
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def test_node_proxy_restart_recovers_its_pods(mesh: Mesh) -> None:
+    """issue 9: the node proxy of app-a's node is killed and restarted (the runner re-registers its pods);
+    app-b's requests recover within a measured time."""
+    proc = mesh.procs["node-1"]
+    proc.kill()
+    proc.wait(10)
+    assert mesh.curl("namespace-b", "app-b", "http://app-a.namespace-a/down").returncode != 0
+    started = time.monotonic()
+    (mesh.tmp / "node-1.sock").unlink(missing_ok=True)
+    mesh.procs["node-1"] = _spawn(
+        _node_command(mesh.mode, mesh.plan, "node-1", mesh.tmp, mesh.config_dir), mesh.logs["node-1"]
+    )
+    _wait_for(mesh.tmp / "node-1.sock")
+    _register_pods(mesh, "node-1")
+    _until_ok(mesh, "http://app-a.namespace-a/up-again", 20)
+    recovery = time.monotonic() - started
+    print(f"node proxy restart: requests recovered {recovery:.2f}s after the restart began")
+    assert recovery < 15
+
+
+def test_link_cut_between_nodes_and_restored(mesh: Mesh) -> None:
+    """issue 9: node-1's uplink goes down (requests fail, nothing crashes) and comes back (requests
+    recover on the same node proxies, within a measured time)."""
+    netns = mesh.plan.node("node-1").netns
+    subprocess.run(["ip", "-n", netns, "link", "set", "eth0", "down"], check=True)
+    try:
+        assert mesh.curl("namespace-b", "app-b", "http://app-a.namespace-a/cut").returncode != 0
+    finally:
+        subprocess.run(["ip", "-n", netns, "link", "set", "eth0", "up"], check=True)
+        node = mesh.plan.node("node-1")
+        # bringing the link up drops its routes: restore the node's routes to the other node's pods
+        for other in mesh.plan.nodes:
+            if other.name != node.name:
+                subprocess.run(
+                    ["ip", "-n", netns, "route", "replace", str(other.pod_cidr), "via", str(other.ip)],
+                    check=False,
+                )
+    recovery = _until_ok(mesh, "http://app-a.namespace-a/restored", 30)
+    print(f"link restored: requests recovered after {recovery:.2f}s")
+    assert mesh.procs["node-1"].poll() is None and mesh.procs["node-2"].poll() is None
