@@ -26,6 +26,7 @@ def run(coro: Any, timeout: float) -> Any:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the soak form (ZT_SOAK=1) runs 6,000 connections
 def test_connection_churn(env: Any, rel: Any, figures: Any) -> None:
     """600 short HBONE connections (6 workers x 100, each a new mTLS connection, a CONNECT and a
     1 KiB echo, up to 3 attempts) → 0 failures; sockets, tunnels, fds and tasks back to baseline."""
@@ -145,6 +146,7 @@ class _Echoer:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the soak form holds 2,000 tunnels for 300 s
 def test_held_tunnels(env: Any, rel: Any, figures: Any) -> None:
     """1,000 concurrent tunnels held 30 s, each echoing every second → 0 drops; RSS per tunnel
     recorded; flat while held; everything released after."""

@@ -89,14 +89,18 @@ def test_silent_and_garbage_flood_reaped_while_legit_client_works(env: Any, rel:
         fds0, tasks0 = rel.open_fds(), len(asyncio.all_tasks())
         stop = asyncio.Event()
         prober = asyncio.create_task(probe.loop(stop))
-        t0 = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
         socks = await _silent(server.address, silent_n)
+        opened = loop.time()
         junk = [os.urandom(64 + i) for i in range(garbage_n // 2)] + [b"GET / HTTP/1.1\r\n\r\n"] * (
             garbage_n - garbage_n // 2)
-        garbage_closed = await asyncio.gather(*(_garbage(server.address, j) for j in junk))
+        garbage = asyncio.gather(*(_garbage(server.address, j) for j in junk))
         peak_pending = server.pending_handshakes
-        reaped_after = await _wait_for(lambda: server.pending_handshakes == 0, 5.0) + (
-            asyncio.get_running_loop().time() - t0)
+        await _wait_for(lambda: server.pending_handshakes == 0, 10.0)
+        reaped_after = loop.time() - opened  # the last silent socket was accepted at `opened`
+        open_s = opened - t0
+        garbage_closed = await garbage
         await asyncio.sleep(0.3)
         stop.set()
         await prober
@@ -107,7 +111,8 @@ def test_silent_and_garbage_flood_reaped_while_legit_client_works(env: Any, rel:
         await asyncio.sleep(0.1)
         out = {
             "silent": silent_n, "garbage": garbage_n, "garbage_refused": sum(garbage_closed),
-            "peak_pending_handshakes": peak_pending, "all_reaped_s": round(reaped_after, 2),
+            "peak_pending_handshakes": peak_pending, "open_flood_s": round(open_s, 2),
+            "all_reaped_s_after_flood_opened": round(reaped_after, 2),
             "silent_closed_by_server": all_closed, "legit": probe.stats(),
             "fds_over_baseline": rel.open_fds() - fds0,
             "tasks_over_baseline": len(asyncio.all_tasks()) - tasks0,
@@ -121,7 +126,7 @@ def test_silent_and_garbage_flood_reaped_while_legit_client_works(env: Any, rel:
     figures(**out)
     assert out["garbage_refused"] == garbage_n, out
     assert out["silent_closed_by_server"], out
-    assert out["all_reaped_s"] <= 1.0 + 1.0 + 1.0, out  # timeout + 1 s (+ the time to open them)
+    assert out["all_reaped_s_after_flood_opened"] <= 1.0 + 1.0, out  # item 15: timeout + 1 s
     assert out["legit"]["success_rate"] == 1.0 and out["legit"]["probes"] >= 5, out
     assert out["open_sockets_after"] == 0, out
     assert out["fds_over_baseline"] <= 10 and out["tasks_over_baseline"] <= 10, out  # item 15: +10
