@@ -31,6 +31,7 @@ class PodWant:
     service_account: str
     containers: tuple[Container, ...]
     waypoint_of: str | None = None  # `ns/name` of the waypoint Gateway this pod runs
+    gateway_of: str | None = None  # the Istio Gateway(s) this pod serves: `ns/name`, or "*" for all
 
     @property
     def uid(self) -> str:
@@ -91,6 +92,7 @@ def desired_state(config: Config, *, mesh: bool = True, previous: Desired | None
             ambient=mesh and config.pod_is_ambient(pod), identity=config.identity_of(pod),
             service_account=pod.service_account, containers=pod.containers,
             waypoint_of=_waypoint_of(config, pod.meta.namespace, pod.meta.labels.get(GATEWAY_NAME_LABEL)),
+            gateway_of=gateway_of(pod.containers),
         ))
     services = tuple(ServiceSpec(s.meta.name, s.meta.namespace, s.cluster_ip) for s in config.services)
     return Desired(tuple(sorted(nodes)), tuple(pods), services, tuple(skipped))
@@ -102,6 +104,70 @@ def _waypoint_of(config: Config, namespace: str, gateway: str | None) -> str | N
     found = any(g.is_waypoint and g.meta.name == gateway and g.meta.namespace == namespace
                 for g in config.k8s_gateways)
     return f"{namespace}/{gateway}" if found else None
+
+
+def gateway_of(containers: tuple[Container, ...]) -> str | None:
+    """`NS/NAME` of a container running `zerotunnel gateway --gateway NS/NAME` ("*" without the flag:
+    it serves every Istio Gateway); None for a pod that runs no ingress gateway."""
+    for c in containers:
+        argv = container_argv(c)
+        if len(argv) < 2 or argv[0].rsplit("/", 1)[-1] != "zerotunnel" or argv[1] != "gateway":
+            continue
+        for k, arg in enumerate(argv[2:], start=2):
+            if arg == "--gateway" and k + 1 < len(argv):
+                return argv[k + 1]
+            if arg.startswith("--gateway="):
+                return arg.partition("=")[2]
+        return "*"
+    return None
+
+
+def needs_host_access(desired: Desired) -> bool:
+    """An ingress gateway is for clients outside the cluster: the host must reach it (issue 7)."""
+    return any(p.gateway_of is not None for p in desired.pods)
+
+
+@dataclass(frozen=True, slots=True)
+class IngressAddress:
+    """Where a client on the host reaches an ingress gateway pod: its IP and its servers' ports."""
+
+    namespace: str
+    pod: str
+    gateway: str
+    ip: str
+    ports: tuple[int, ...]
+    hosts: tuple[str, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {"namespace": self.namespace, "pod": self.pod, "gateway": self.gateway, "ip": self.ip,
+                "ports": list(self.ports), "hosts": list(self.hosts)}
+
+
+def ingress_addresses(config: Config, desired: Desired, plan: NetworkPlan) -> tuple[IngressAddress, ...]:
+    """Each gateway pod's address with the ports and hosts of the Istio Gateways it serves.
+
+    A Gateway is served by the pod when the pod's `--gateway` names it (or it serves all) and the
+    Gateway's `selector` matches the pod's labels, as istiod binds a Gateway to gateway workloads.
+    """
+    out = []
+    for want in desired.pods:
+        if want.gateway_of is None:
+            continue
+        src = config.pod(want.namespace, want.name)
+        labels = src.meta.labels if src is not None else {}
+        served = [g for g in config.gateways
+                  if want.gateway_of in ("*", f"{g.meta.namespace}/{g.meta.name}")
+                  and all(labels.get(k) == v for k, v in g.selector.items())]
+        try:
+            ip = str(plan.pod(want.namespace, want.name).ip)
+        except KeyError:
+            continue
+        ports = tuple(sorted({s.port.number for g in served for s in g.servers}))
+        hosts = tuple(sorted({h.partition("/")[2] or h for g in served for s in g.servers for h in s.hosts}))
+        name = want.gateway_of if want.gateway_of != "*" else ", ".join(
+            f"{g.meta.namespace}/{g.meta.name}" for g in served) or "*"
+        out.append(IngressAddress(want.namespace, want.name, name, ip, ports, hosts))
+    return tuple(out)
 
 
 def pod_specs(desired: Desired, config: Config) -> list[PodSpec]:

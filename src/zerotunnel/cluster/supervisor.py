@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -40,12 +41,15 @@ from zerotunnel.cluster import netns as ns
 from zerotunnel.cluster import network, podapi
 from zerotunnel.cluster.desired import (
     Desired,
+    IngressAddress,
     PodWant,
     addresses_document,
     container_argv,
     container_env,
     desired_state,
+    ingress_addresses,
     loopback_ips,
+    needs_host_access,
     pod_specs,
     service_endpoints,
     with_mesh_options,
@@ -62,7 +66,7 @@ from zerotunnel.cluster.state import (
     write_atomic,
     write_json,
 )
-from zerotunnel.cluster.topology import NetworkPlan, plan_network, pod_hosts
+from zerotunnel.cluster.topology import NetworkPlan, cluster_link_prefix, plan_network, pod_hosts
 from zerotunnel.config import Config, ConfigError, load
 from zerotunnel.control import castore
 from zerotunnel.control.files import read_config_paths
@@ -260,6 +264,9 @@ class Supervisor:
             "pods": [self.pods[k].to_json(self.cdir) for k in sorted(self.pods)],
             "services": [{"namespace": s.namespace, "name": s.name, "vip": str(s.vip)}
                          for s in (plan.services if plan else ())],
+            "host_access": {"host_ip": str(plan.host_ip), "interface": plan.host_veth}
+            if plan is not None and plan.host_access else None,
+            "gateways": [a.to_json() for a in self._ingress()],
         }
         write_json(self.cdir.status_file, status)
         self._dirty = False
@@ -300,8 +307,29 @@ class Supervisor:
             raise StartupError(exc.message) from exc
 
     def _plan(self, desired: Desired, config: Config, previous: NetworkPlan | None) -> NetworkPlan:
+        """The network plan; with host access when an ingress gateway runs (decided once, at `up`:
+        the host's veth and routes are not added to a running cluster)."""
+        host_access = previous.host_access if previous is not None else needs_host_access(desired)
         return plan_network(self.cluster, desired.nodes, pod_specs(desired, config), desired.services,
-                            previous=previous)
+                            host_access=host_access, previous=previous)
+
+    def _ingress(self) -> tuple[IngressAddress, ...]:
+        if self.plan is None or self.config is None or self.desired is None:
+            return ()
+        return ingress_addresses(self.config, self.desired, self.plan)
+
+    def _check_host_routes(self) -> None:
+        """Host access adds root-namespace routes for the pod and node ranges: refuse (clearly) when
+        the host already routes them — typically another zerotunnel cluster with a gateway."""
+        assert self.plan is not None
+        clashes = network.root_route_clashes(self.plan)
+        if not clashes:
+            return
+        owners = route_owners(clashes)
+        raise StartupError(
+            f"the ingress gateway must be reachable from the host, which needs host routes to "
+            f"{self.plan.pod_cidr} and {self.plan.node_cidr}, but this host already routes "
+            + ", ".join(f"{c}{owners.get(c, '')}" for c in clashes))
 
     def _write_addresses(self) -> None:
         assert self.plan is not None
@@ -505,9 +533,13 @@ class Supervisor:
         if not network.find_leftovers(self.cluster).empty:
             self.event("removing leftovers of a previous run")
             await asyncio.to_thread(network.destroy_network, self.cluster)
+        if self.plan.host_access:
+            await asyncio.to_thread(self._check_host_routes)
         self.network_built = True
-        await asyncio.to_thread(network.create_network, self.plan)
-        self.event(f"network created: {len(self.plan.all_netns())} namespaces")
+        await asyncio.to_thread(network.create_network, self.plan, check_routes=False)
+        self.event(f"network created: {len(self.plan.all_netns())} namespaces"
+                   + (f", host access on {self.plan.host_veth} ({self.plan.host_ip})"
+                      if self.plan.host_access else ""))
         self._write_hosts()
         self._write_addresses()
         if not (self.cdir.ca_dir / "root-cert.pem").exists():
@@ -637,6 +669,10 @@ class Supervisor:
                        "(zerotunnel down; zerotunnel up); pods on them are not started")
             new = Desired(self.desired.nodes, tuple(p for p in new.pods if p.node in self.desired.nodes),
                           new.services, new.skipped)
+        if (self.plan is not None and not self.plan.host_access and needs_host_access(new)
+                and not needs_host_access(self.desired)):
+            self.event(f"config v{version}: an ingress gateway pod was added; the host reaches it only "
+                       "after a restart (zerotunnel down; zerotunnel up)")
         old_pods = {p.uid: p for p in self.desired.pods}
         new_pods = {p.uid: p for p in new.pods}
         removed = [u for u in old_pods if u not in new_pods or old_pods[u] != new_pods[u]]
@@ -744,6 +780,11 @@ class Supervisor:
             starting.result()
             stopped.cancel()
             self.phase = PHASE_READY
+            for gw in self._ingress():
+                ports = ", ".join(map(str, gw.ports)) or "no server port"
+                hosts = f" for {', '.join(gw.hosts)}" if gw.hosts else ""
+                self.event(f"ingress gateway {gw.namespace}/{gw.pod} ({gw.gateway}) reachable from the "
+                           f"host at {gw.ip} port {ports}{hosts}")
             self.event(f"cluster {self.cluster} ready")
             housekeeping = asyncio.create_task(self._housekeeping())
             watch = asyncio.create_task(self._watch())
@@ -778,6 +819,30 @@ class Supervisor:
         await self.start()
         self.publish()
         await self._wait_all_ready(ready_timeout)
+
+
+def route_owners(networks: list[str]) -> dict[str, str]:
+    """For each clashing route, ` (dev X: zerotunnel cluster 'N'; … down --name N)` when a cluster's
+    host veth carries it, else ` (dev X)`: the user learns what to stop."""
+    proc = subprocess.run(["ip", "-4", "-o", "route", "show", "table", "all"], capture_output=True,
+                          text=True, timeout=30, check=False)
+    clusters = {cluster_link_prefix(c): c for c in network.list_clusters()}
+    out: dict[str, str] = {}
+    for line in proc.stdout.splitlines():
+        words = line.split()
+        if "dev" not in words or words.index("dev") + 1 >= len(words):
+            continue
+        dev = words[words.index("dev") + 1]
+        for net in networks:
+            if words and (words[0] == net or words[1:2] == [net]) and net not in out:
+                owner = next((c for pfx, c in clusters.items() if dev.startswith(pfx)), None)
+                if owner is not None:
+                    hint = "" if owner == "zerotunnel" else f" --name {owner}"
+                    out[net] = (f" (dev {dev}: zerotunnel cluster {owner!r} is up with host access; "
+                                f"stop it with `zerotunnel down{hint}`)")
+                else:
+                    out[net] = f" (dev {dev})"
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

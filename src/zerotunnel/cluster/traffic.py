@@ -1,7 +1,7 @@
 """A traffic matrix against a running local cluster: who called whom, what was decided, and why.
 
-`python -m zerotunnel.cluster.traffic [--name CLUSTER] [-o json] CLIENT=URL ...` (the main job,
-scripts/demo.sh). For each case it runs `zerotunnel exec -n NS POD -- curl … URL` in the client pod —
+`python -m zerotunnel.cluster.traffic [--name CLUSTER] [-o json] CLIENT=[METHOD ]URL ...` (the main
+job, scripts/demo.sh). For each case it runs `zerotunnel exec -n NS POD -- curl … URL` in the client pod —
 the request goes through the pod's real capture and its node proxies — then reads the access-log
 lines the node proxies wrote for that connection (spec istio-ambient.md §8.2) and prints:
 - client and server identity, as the proxies saw them on the mTLS connection;
@@ -47,14 +47,27 @@ class Result:
     reason: str
     http: str
     enforced_by: str
+    method: str = "GET"
 
 
 def parse_case(text: str) -> tuple[str, str]:
-    """`NS/POD=URL` → (NS/POD, URL)."""
+    """`NS/POD=URL` (or `NS/POD=METHOD URL`) → (NS/POD, URL or `METHOD URL`)."""
     client, sep, url = text.partition("=")
     if not sep or "/" not in client or not url:
-        raise InputError(f"a case is NAMESPACE/POD=URL, got {text!r}")
+        raise InputError(f"a case is NAMESPACE/POD=[METHOD ]URL, got {text!r}")
+    split_method(url)
     return client, url
+
+
+def split_method(target: str) -> tuple[str, str]:
+    """`POST http://…` → ("POST", "http://…"); a bare URL is a GET. The method is what the seed's
+    L7 rule distinguishes (GET /data allowed, POST /data denied at the waypoint)."""
+    method, sep, url = target.partition(" ")
+    if not sep:
+        return "GET", target
+    if not method.isalpha() or not method.isupper() or not url.strip():
+        raise InputError(f"a request is [METHOD ]URL with METHOD in capitals, got {target!r}")
+    return method, url.strip()
 
 
 def _log_sizes(paths: list[Path]) -> dict[Path, int]:
@@ -105,17 +118,20 @@ def _mine(records: list[tuple[str, dict[str, Any]]], client_ip: str) -> list[tup
     return [(n, r) for n, r in records if src_ip(r) == client_ip]
 
 
-def run_case(cluster: str, status: dict[str, Any], client: str, url: str, *, timeout: float = 5.0) -> Result:
+def run_case(cluster: str, status: dict[str, Any], client: str, target: str, *,
+             timeout: float = 5.0) -> Result:
+    method, url = split_method(target)
     ns, _, pod_name = client.partition("/")
     pod = runner.find_pod(status, pod_name, ns)
     cdir = ClusterDir.for_cluster(cluster)
     logs = [cdir.node_log(n["name"]) for n in status.get("nodes", [])]
     logs += [cdir.pod_log(p["namespace"], p["name"]) for p in status.get("pods", []) if p.get("waypoint_of")]
     sizes = _log_sizes(logs)
-    curl = ["curl", "-s", "-w", "\n%{http_code}", "--max-time", f"{timeout:g}", url]
+    opts = [] if method == "GET" else ["-X", method]
+    curl = ["curl", "-s", *opts, "-w", "\n%{http_code}", "--max-time", f"{timeout:g}", url]
     name_opt = [] if cluster == DEFAULT_CLUSTER else ["--name", cluster]
     argv = [sys.executable, "-m", "zerotunnel.cli.main", "exec", *name_opt, "-n", ns, pod_name, "--", *curl]
-    shown = f"zerotunnel exec -n {ns} {pod_name} -- curl -s {url}"
+    shown = f"zerotunnel exec -n {ns} {pod_name} -- curl -s {' '.join([*opts, url])}"
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30, check=False)
     body, _, code = proc.stdout.rpartition("\n")
     got_response = proc.returncode == 0 and code.isdigit() and code != "000"
@@ -154,7 +170,9 @@ def run_case(cluster: str, status: dict[str, Any], client: str, url: str, *, tim
     elif got_response and (wp.get("response_code") in (401, 403) or body.startswith(RBAC_DENIED)):
         # §6.2: a waypoint denies with 403 `RBAC: access denied` (401 for a missing/invalid JWT)
         decision = "DENY"
-        reason = str(wp.get("reason") or body.strip() or f"HTTP {code}")
+        said = body.strip()
+        reason = f"{said}: {wp['reason']}" if wp.get("reason") and said else (
+            str(wp.get("reason") or said or f"HTTP {code}"))
         if wp.get("policy") and str(wp["policy"]) not in reason:
             reason += f" (policy {wp['policy']})"
     elif got_response:
@@ -165,7 +183,7 @@ def run_case(cluster: str, status: dict[str, Any], client: str, url: str, *, tim
         errors = [str(r["error"]) for _, r in records if r.get("error")]
         reason = errors[-1] if errors else (proc.stderr.strip() or "no response and no proxy error logged")
     return Result(client, url, shown, client_identity, server, server_identity, decision, reason, http,
-                  enforced)
+                  enforced, method)
 
 
 def _explain_allow(status: dict[str, Any], pod: dict[str, Any], rec: dict[str, Any], url: str) -> str:
@@ -223,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps([asdict(r) for r in results], indent=1))
     else:
         print(render(results))
-    wrong = [f"{r.client} -> {r.url}: {r.decision}, expected {e.upper()}"
+    wrong = [f"{r.client} -> {r.method} {r.url}: {r.decision}, expected {e.upper()}"
              for r, e in zip(results, args.expect, strict=False) if r.decision != e.upper()]
     for w in wrong:
         print(f"unexpected: {w}", file=sys.stderr)
