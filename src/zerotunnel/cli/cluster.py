@@ -70,6 +70,12 @@ def render_status(status: dict[str, Any]) -> str:
     if services:
         rows = [["SERVICE", "VIP"]] + [[f"{s['namespace']}/{s['name']}", s["vip"]] for s in services]
         out += ["", _table(rows)]
+    gateways = status.get("gateways") or []
+    if gateways:  # issue 7: reachable from the host through the cluster's host veth
+        rows = [["INGRESS GATEWAY", "ADDRESS (FROM THE HOST)", "SERVES", "HOSTS"]] + [
+            [f"{g['namespace']}/{g['pod']}", ", ".join(f"{g['ip']}:{port}" for port in g.get("ports", []))
+             or g["ip"], g.get("gateway", "-"), ", ".join(g.get("hosts", [])) or "*"] for g in gateways]
+        out += ["", _table(rows)]
     return "\n".join(out)
 
 
