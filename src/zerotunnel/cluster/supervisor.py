@@ -325,11 +325,10 @@ class Supervisor:
         clashes = network.root_route_clashes(self.plan)
         if not clashes:
             return
-        owners = route_owners(clashes)
         raise StartupError(
             f"the ingress gateway must be reachable from the host, which needs host routes to "
             f"{self.plan.pod_cidr} and {self.plan.node_cidr}, but this host already routes "
-            + ", ".join(f"{c}{owners.get(c, '')}" for c in clashes))
+            f"{', '.join(clashes)}{route_owners(clashes)}")
 
     def _write_addresses(self) -> None:
         assert self.plan is not None
@@ -821,28 +820,24 @@ class Supervisor:
         await self._wait_all_ready(ready_timeout)
 
 
-def route_owners(networks: list[str]) -> dict[str, str]:
-    """For each clashing route, ` (dev X: zerotunnel cluster 'N'; … down --name N)` when a cluster's
-    host veth carries it, else ` (dev X)`: the user learns what to stop."""
+def route_owners(networks: list[str]) -> str:
+    """What holds the clashing routes: ` (through zt…h0, the host access of zerotunnel cluster 'N'; stop
+    it with `zerotunnel down --name N`)` when clusters' host veths carry them, else the devices."""
     proc = subprocess.run(["ip", "-4", "-o", "route", "show", "table", "all"], capture_output=True,
                           text=True, timeout=30, check=False)
     clusters = {cluster_link_prefix(c): c for c in network.list_clusters()}
-    out: dict[str, str] = {}
+    devices: set[str] = set()
     for line in proc.stdout.splitlines():
         words = line.split()
-        if "dev" not in words or words.index("dev") + 1 >= len(words):
-            continue
-        dev = words[words.index("dev") + 1]
-        for net in networks:
-            if words and (words[0] == net or words[1:2] == [net]) and net not in out:
-                owner = next((c for pfx, c in clusters.items() if dev.startswith(pfx)), None)
-                if owner is not None:
-                    hint = "" if owner == "zerotunnel" else f" --name {owner}"
-                    out[net] = (f" (dev {dev}: zerotunnel cluster {owner!r} is up with host access; "
-                                f"stop it with `zerotunnel down{hint}`)")
-                else:
-                    out[net] = f" (dev {dev})"
-    return out
+        if "dev" in words and words.index("dev") + 1 < len(words) and set(words[:2]) & set(networks):
+            devices.add(words[words.index("dev") + 1])
+    owners = sorted({c for d in devices for pfx, c in clusters.items() if d.startswith(pfx)})
+    if owners:
+        downs = "; ".join("`zerotunnel down" + ("" if c == "zerotunnel" else f" --name {c}") + "`"
+                          for c in owners)
+        return (f" (the host access of zerotunnel cluster(s) {', '.join(map(repr, owners))}, which is up: "
+                f"stop it with {downs})")
+    return f" (dev {', '.join(sorted(devices))})" if devices else ""
 
 
 def main(argv: list[str] | None = None) -> int:
