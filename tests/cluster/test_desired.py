@@ -12,7 +12,10 @@ from zerotunnel.cluster.desired import (
     container_argv,
     container_env,
     desired_state,
+    gateway_of,
+    ingress_addresses,
     loopback_ips,
+    needs_host_access,
     pod_specs,
     service_endpoints,
     with_mesh_options,
@@ -225,3 +228,66 @@ def test_placement_invariants(pods: list[tuple[str, str | None]], nodes: list[st
     # a reload keeps every placement
     again = desired_state(cfg, previous=d)
     assert {p.name: p.node for p in again.pods} == placed
+
+
+GATEWAY = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: istio-system}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ingress, namespace: istio-system, labels: {istio: ingressgateway}}
+spec:
+  containers: [{name: gw, command: ["zerotunnel", "gateway", "--gateway", "istio-system/public"]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: every, namespace: istio-system, labels: {istio: ingressgateway}}
+spec:
+  containers: [{name: gw, command: ["/usr/bin/zerotunnel", "gateway"]}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: public, namespace: istio-system}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+    - port: {number: 443, name: https, protocol: HTTPS}
+      hosts: ["shop/www.example.com"]
+      tls: {mode: SIMPLE, credentialName: cert}
+    - port: {number: 80, name: http, protocol: HTTP}
+      hosts: ["www.example.com"]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: other, namespace: istio-system}
+spec:
+  selector: {istio: elsewhere}
+  servers:
+    - port: {number: 8443, name: https, protocol: HTTPS}
+      hosts: ["*"]
+      tls: {mode: SIMPLE, credentialName: c}
+"""
+
+
+def test_gateway_pods_get_host_access_and_an_address() -> None:
+    config = load([("mesh.yaml", MESH), ("gw.yaml", GATEWAY)])
+    d = desired_state(config)
+    by_uid = {p.uid: p for p in d.pods}
+    assert by_uid["istio-system/ingress"].gateway_of == "istio-system/public"
+    assert by_uid["istio-system/every"].gateway_of == "*"
+    assert by_uid["shop/web"].gateway_of is None
+    assert needs_host_access(d)
+    assert not needs_host_access(desired_state(load([("mesh.yaml", MESH)])))
+    plan = plan_network("c", d.nodes, pod_specs(d, config), d.services, host_access=True)
+    found = {a.pod: a for a in ingress_addresses(config, d, plan)}
+    ingress = found["ingress"]
+    assert ingress.ip == str(plan.pod("istio-system", "ingress").ip)
+    assert (ingress.gateway, ingress.ports) == ("istio-system/public", (80, 443))
+    assert ingress.hosts == ("www.example.com",)
+    # serving every Gateway still binds only those whose selector matches the pod's labels
+    assert (found["every"].gateway, found["every"].ports) == ("istio-system/public", (80, 443))
+    assert ingress.to_json()["ports"] == [80, 443]
+    assert gateway_of((Container(name="c", command=("zerotunnel", "gateway", "--gateway=a/b")),)) == "a/b"
+    assert gateway_of((Container(name="c", command=("zerotunnel", "waypoint")),)) is None

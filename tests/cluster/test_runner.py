@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,11 +21,43 @@ import pytest
 
 from zerotunnel.cluster import netns, network, runner
 from zerotunnel.cluster.state import STATE_ENV, ClusterDir, pid_alive
+from zerotunnel.cluster.topology import cluster_link_prefix
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = ROOT / "examples" / "seed"
 THREE = ROOT / "examples" / "three-nodes"
 ZT = [sys.executable, "-m", "zerotunnel.cli.main"]
+GW = SEED / "gateway"
+SA = "spiffe://cluster.local/ns/{}/sa/{}"
+# The seed without its waypoint: the node proxies alone enforce identities (what the tests of live
+# changes and of the control plane exercise; the waypoint has tests of its own).
+L4_POLICIES = """apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: app-a-allow-app-b-only, namespace: namespace-a}
+spec:
+  selector: {matchLabels: {app: app-a}}
+  action: ALLOW
+  rules:
+    - from:
+        - source:
+            principals: ["cluster.local/ns/namespace-b/sa/service-account-b"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: app-a-deny-app-c, namespace: namespace-a}
+spec:
+  selector: {matchLabels: {app: app-a}}
+  action: DENY
+  rules: [{from: [{source: {principals: ["cluster.local/ns/namespace-c/sa/service-account-c"]}}]}]
+"""
+
+
+def seed_without_waypoint(conf: Path) -> None:
+    conf.mkdir()
+    mesh = (SEED / "mesh.yaml").read_text()
+    assert "    istio.io/use-waypoint: waypoint\n" in mesh
+    (conf / "mesh.yaml").write_text(mesh.replace("    istio.io/use-waypoint: waypoint\n", ""))
+    (conf / "policies.yaml").write_text(L4_POLICIES)
 
 pytestmark = [
     pytest.mark.e2e,
@@ -52,8 +83,8 @@ def zt(
                           timeout=timeout, check=False)
 
 
-def traffic(cluster: str, *cases: str) -> list[dict[str, Any]]:
-    argv = [sys.executable, "-m", "zerotunnel.cluster.traffic", "--name", cluster, "-o", "json", *cases]
+def traffic(cluster: str, *cases: str, module: str = "traffic") -> list[dict[str, Any]]:
+    argv = [sys.executable, "-m", f"zerotunnel.cluster.{module}", "--name", cluster, "-o", "json", *cases]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     out: list[dict[str, Any]] = json.loads(proc.stdout)
@@ -72,6 +103,9 @@ def assert_nothing_left(cluster: str, pids: list[int]) -> None:
     assert not ClusterDir.for_cluster(cluster).exists()
     assert not [n for n in netns.list_netns() if n.startswith(f"zt-{cluster}-")]
     assert not any(cluster in t for t in network.nft_tables(None))
+    routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True,
+                            check=True).stdout
+    assert cluster_link_prefix(cluster) not in routes, "host routes left behind"
 
 
 def test_seed_up_status_exec_logs_down(cluster: str) -> None:
@@ -86,8 +120,17 @@ def test_seed_up_status_exec_logs_down(cluster: str) -> None:
     assert all(p["ready"] for p in every.values())
     apps = ("namespace-a/app-a", "namespace-b/app-b", "namespace-c/app-c")
     pods = {uid: every[uid] for uid in apps}
-    if "namespace-a/waypoint" in every:  # examples/seed/waypoint.yaml (issue 7): run as a pod of its own
-        assert every["namespace-a/waypoint"]["waypoint_of"] == "namespace-a/waypoint"
+    # app-a's waypoint and the ingress gateway run as pods of their own, outside in-pod capture
+    assert set(every) == {*apps, "namespace-a/waypoint", "istio-system/istio-ingressgateway"}
+    assert every["namespace-a/waypoint"]["waypoint_of"] == "namespace-a/waypoint"
+    assert not every["namespace-a/waypoint"]["ambient"]
+    gateway = every["istio-system/istio-ingressgateway"]
+    assert not gateway["ambient"] and gateway["ready"]
+    assert st["gateways"] == [{"namespace": "istio-system", "pod": "istio-ingressgateway",
+                               "gateway": "istio-system/app-a-gateway", "ip": gateway["ip"], "ports": [443],
+                               "hosts": ["app-a.example.com"]}]
+    assert st["host_access"]["host_ip"] == "10.243.0.1"
+    assert any(f"reachable from the host at {gateway['ip']} port 443" in m for m in progress)
     for uid, p in pods.items():
         ns, name = uid.split("/")
         assert p["ready"] and p["ambient"] and p["registered"] and p["restarts"] == 0
@@ -105,22 +148,31 @@ def test_seed_up_status_exec_logs_down(cluster: str) -> None:
     ok = zt(cluster, "exec", "-n", "namespace-b", "app-b", "--", "curl", "-s", "--max-time", "5",
             "http://app-a.namespace-a/data")
     assert ok.returncode == 0 and json.loads(ok.stdout)["name"] == "app-a"
-    denied = zt(cluster, "exec", "app-c", "--", "curl", "-s", "--max-time", "5", "http://app-a.namespace-a/data")
-    assert denied.returncode in (52, 56), denied
+    # through the waypoint, app-c gets its 403; dialling app-a's pod IP bypasses no policy: app-a's node
+    # proxy admits only the waypoint (app-b is refused too) and denies app-c explicitly
+    refused = zt(cluster, "exec", "app-c", "--", "curl", "-s", "--max-time", "5", "http://app-a.namespace-a/data")
+    assert refused.returncode == 0 and refused.stdout == "RBAC: access denied", refused
+    pod_a = f"http://{pods['namespace-a/app-a']['ip']}:8080/data"
+    for client in ("app-b", "app-c"):
+        denied = zt(cluster, "exec", client, "--", "curl", "-s", "--max-time", "5", pod_a)
+        assert denied.returncode in (52, 56), denied
     assert zt(cluster, "exec", "app-b", "--", "sh", "-c", "exit 7").returncode == 7
     echo = zt(cluster, "exec", "app-b", "--", "sh", "-c", "cat; echo $POD_NAMESPACE", stdin="hello\n")
     assert echo.stdout == "hello\nnamespace-b\n"
     missing = zt(cluster, "exec", "nope", "--", "true")
     assert missing.returncode == 2 and "pod 'nope' not found" in missing.stderr
 
-    m = traffic(cluster, "namespace-b/app-b=http://app-a.namespace-a/data",
-                "namespace-c/app-c=http://app-a.namespace-a/data")
-    assert [r["decision"] for r in m] == ["ALLOW", "DENY"]
-    assert m[0]["client_identity"] == "spiffe://cluster.local/ns/namespace-b/sa/service-account-b"
-    assert m[0]["server_identity"] == "spiffe://cluster.local/ns/namespace-a/sa/service-account-a"
-    assert m[0]["reason"] == "allowed by: namespace-a/app-a-allow-app-b-only" and m[0]["http"] == "200"
+    m = traffic(cluster, "namespace-b/app-b=http://app-a.namespace-a/data", f"namespace-c/app-c={pod_a}",
+                f"namespace-b/app-b={pod_a}")
+    assert [r["decision"] for r in m] == ["ALLOW", "DENY", "DENY"]
+    assert m[0]["client_identity"] == SA.format("namespace-b", "service-account-b")
+    assert m[0]["server_identity"] == SA.format("namespace-a", "service-account-a")
+    assert m[0]["reason"] == "allowed by: namespace-a/app-a-allow-get-data" and m[0]["http"] == "200"
+    assert m[0]["enforced_by"] == "waypoint namespace-a/waypoint"
     assert m[1]["reason"] == ("connection closed due to policy rejection: explicitly denied by: "
                               "namespace-a/app-a-deny-app-c")
+    assert m[2]["reason"].endswith("allow policies exist, but none allowed")
+    assert m[2]["enforced_by"] == "node proxy node-1 (inbound)"
 
     assert "GET /data 200" in zt(cluster, "logs", "-n", "namespace-a", "app-a").stdout
     node_log = zt(cluster, "logs", "node/node-1").stdout
@@ -130,6 +182,8 @@ def test_seed_up_status_exec_logs_down(cluster: str) -> None:
 
     table = zt(cluster, "status")
     assert table.returncode == 0 and "namespace-a/app-a" in table.stdout and "ambient" in table.stdout
+    assert (f"istio-system/istio-ingressgateway  {gateway['ip']}:443           istio-system/app-a-gateway  "
+            "app-a.example.com") in table.stdout, table.stdout
     pids = all_pids(st)
     assert len(pids) == len(every) + 2
     first = runner.down(cluster)
@@ -173,14 +227,12 @@ def _wait(pred: Any, timeout: float = 20.0) -> None:
 
 def test_changed_yaml_is_applied_while_running(cluster: str, tmp_path: Path) -> None:
     conf = tmp_path / "seed"
-    conf.mkdir()
-    for f in ("mesh.yaml", "policies.yaml"):
-        shutil.copy(SEED / f, conf / f)
+    seed_without_waypoint(conf)
     runner.up([str(conf)], cluster)
     case_c = "namespace-c/app-c=http://app-a.namespace-a/data"
     assert traffic(cluster, case_c)[0]["decision"] == "DENY"
     # policies: the node proxies apply them without a restart
-    (conf / "policies.yaml").write_text((SEED / "policies.yaml").read_text().split("---")[0].replace(
+    (conf / "policies.yaml").write_text(L4_POLICIES.split("---", maxsplit=1)[0].replace(
         '["cluster.local/ns/namespace-b/sa/service-account-b"]',
         '["cluster.local/ns/namespace-b/sa/service-account-b",'
         ' "cluster.local/ns/namespace-c/sa/service-account-c"]'))
@@ -256,44 +308,50 @@ spec:
         runner.up([str(tmp_path / "bad.yaml")], cluster)
 
 
-def test_seed_through_its_waypoint_enforces_the_l7_rule(cluster: str, tmp_path: Path) -> None:
-    """With namespace-a using the seed's waypoint (the two changes waypoint.yaml names), GET /data is
-    the only thing app-b may do, and the waypoint's 403 is reported as its decision."""
-    if not (SEED / "waypoint.yaml").exists():
-        pytest.fail("examples/seed/waypoint.yaml is gone: update this test")
-    conf = tmp_path / "seed"
-    conf.mkdir()
-    for f in SEED.glob("*.yaml"):
-        shutil.copy(f, conf / f.name)
-    mesh = (conf / "mesh.yaml").read_text()
-    if "istio.io/use-waypoint" not in mesh:
-        mesh = mesh.replace("  name: namespace-a\n  labels:\n",
-                            "  name: namespace-a\n  labels:\n    istio.io/use-waypoint: waypoint\n")
-        (conf / "mesh.yaml").write_text(mesh)
-    pol = (conf / "policies.yaml").read_text()
-    if "sa/waypoint" not in pol:
-        (conf / "policies.yaml").write_text(pol.replace(
-            'principals: ["cluster.local/ns/namespace-b/sa/service-account-b"]',
-            'principals: ["cluster.local/ns/namespace-b/sa/service-account-b", '
-            '"cluster.local/ns/namespace-a/sa/waypoint"]', 1))
-    runner.up([str(conf)], cluster)
+def test_seed_through_its_waypoint_and_ingress_gateway(cluster: str) -> None:
+    """The seed as shipped: app-a's waypoint enforces the seed's first policy as written in intent, and
+    clients on the host with certificates of the two external CAs reach app-a through the gateway."""
+    runner.up([str(SEED)], cluster)
     m = traffic(cluster, "namespace-b/app-b=http://app-a.namespace-a/data",
+                "namespace-b/app-b=POST http://app-a.namespace-a/data",
                 "namespace-b/app-b=http://app-a.namespace-a/other",
                 "namespace-c/app-c=http://app-a.namespace-a/data")
-    assert [(r["decision"], r["http"]) for r in m] == [("ALLOW", "200"), ("DENY", "403"), ("DENY", "403")]
+    assert [(r["decision"], r["http"], r["method"]) for r in m] == [
+        ("ALLOW", "200", "GET"), ("DENY", "403", "POST"), ("DENY", "403", "GET"), ("DENY", "403", "GET")]
     assert all(r["enforced_by"] == "waypoint namespace-a/waypoint" for r in m)
     assert m[0]["reason"] == "allowed by: namespace-a/app-a-allow-get-data"
-    assert m[0]["server_identity"] == "spiffe://cluster.local/ns/namespace-a/sa/service-account-a"
-    assert m[2]["client_identity"] == "spiffe://cluster.local/ns/namespace-c/sa/service-account-c"
+    assert all(r["reason"].startswith("RBAC: access denied") for r in m[1:])
+    assert m[3]["client_identity"] == SA.format("namespace-c", "service-account-c")
+    gw = [f"--cacert={GW / 'server-ca.crt'}"]
+    cases = [f"{GW / 'clients' / c}=https://app-a.example.com{path}" for c, path in
+             (("partner-a", "/data"), ("partner-b", "/data"), ("stranger", "/data"), ("revoked", "/data"),
+              ("partner-a", "/other"))]
+    r = traffic(cluster, *gw, *cases, module="ingress")
+    assert [(x["decision"], x["http"][:3]) for x in r] == [
+        ("ALLOW", "200"), ("ALLOW", "200"), ("DENY", "no "), ("DENY", "no "), ("DENY", "403")]
+    gateway_id = SA.format("istio-system", "istio-ingressgateway-service-account")
+    for x, cn in zip(r[:2], ("partner-a-client", "partner-b-client"), strict=True):
+        assert x["reason"] == "allowed by: namespace-a/app-a-allow-ingress-get-data"
+        assert x["xfcc"].startswith(f"By={gateway_id};Hash=") and f"CN={cn}" in x["xfcc"]
+        assert f"waypoint namespace-a/waypoint (saw {gateway_id})" in x["path"]
+    assert r[2]["reason"] == "client certificate refused: unable to get local issuer certificate"
+    assert "is revoked by CN=partner-a root CA" in r[3]["reason"]
+    assert r[4]["reason"].startswith("RBAC: access denied")
+    # a second cluster with host access on the same ranges is refused, naming the first; nothing is left
+    other = "t" + secrets.token_hex(4)
+    try:
+        with pytest.raises(runner.ClusterError, match=rf"already routes 10\.24.*'{cluster}', which is up"):
+            runner.up([str(SEED)], other)
+        assert_nothing_left(other, [])
+    finally:
+        runner.down(other)
 
 
 def test_control_plane_mode(cluster: str, tmp_path: Path) -> None:
     """`up --control-plane`: node proxies enrol with join tokens and get certificates and config from
     `zerotunnel control`; a restarted node proxy comes back with its stored identity."""
     conf = tmp_path / "seed"
-    conf.mkdir()
-    for f in ("mesh.yaml", "policies.yaml"):
-        shutil.copy(SEED / f, conf / f)
+    seed_without_waypoint(conf)
     runner.up([str(conf)], cluster, control_plane=True)
     st = runner.cluster_status(cluster)
     cp = st["control_plane"]
@@ -309,7 +367,7 @@ def test_control_plane_mode(cluster: str, tmp_path: Path) -> None:
     case_c = "namespace-c/app-c=http://app-a.namespace-a/data"
     assert [r["decision"] for r in traffic(cluster, case_b, case_c)] == ["ALLOW", "DENY"]
     # a policy edit reaches the node proxies through the control plane
-    (conf / "policies.yaml").write_text((SEED / "policies.yaml").read_text().split("---")[0].replace(
+    (conf / "policies.yaml").write_text(L4_POLICIES.split("---", maxsplit=1)[0].replace(
         '["cluster.local/ns/namespace-b/sa/service-account-b"]',
         '["cluster.local/ns/namespace-b/sa/service-account-b",'
         ' "cluster.local/ns/namespace-c/sa/service-account-c"]'))

@@ -7,15 +7,30 @@ from pathlib import Path
 
 import pytest
 
-from zerotunnel.cluster.traffic import Result, _log_sizes, _mine, _new_records, parse_case, render
+from zerotunnel.cluster.traffic import (
+    Result,
+    _log_sizes,
+    _mine,
+    _new_records,
+    parse_case,
+    render,
+    split_method,
+)
 from zerotunnel.errors import InputError
 
 
 def test_parse_case() -> None:
     assert parse_case("ns-b/app-b=http://app-a.ns-a/data?x=1") == ("ns-b/app-b", "http://app-a.ns-a/data?x=1")
-    for bad in ("app-b=http://x", "ns/app", "ns/app="):
+    assert parse_case("ns-b/app-b=POST http://a/data") == ("ns-b/app-b", "POST http://a/data")
+    for bad in ("app-b=http://x", "ns/app", "ns/app=", "ns/app=post http://a", "ns/app=POST "):
         with pytest.raises(InputError):
             parse_case(bad)
+
+
+def test_split_method() -> None:
+    assert split_method("http://a/data") == ("GET", "http://a/data")
+    assert split_method("POST http://a/data") == ("POST", "http://a/data")
+    assert split_method("DELETE  http://a/x?y=1") == ("DELETE", "http://a/x?y=1")
 
 
 def test_new_records_reads_only_appended_access_lines(tmp_path: Path) -> None:
