@@ -178,14 +178,17 @@ class PodRun:
         now = time.time()
         return all(m.started_at is not None and now - m.started_at >= MIN_UP for _, m in self.procs)
 
-    def to_json(self, cdir: ClusterDir) -> dict[str, Any]:
+    def to_json(self, cdir: ClusterDir, *, node_up: bool = True) -> dict[str, Any]:
+        """`node_up`: the node proxy serving an ambient pod is running. A dead one took the pod's
+        listeners with it, so the pod is not ready until the restarted proxy has it registered again
+        (its `registered` flag only drops when the restart is noticed)."""
         w = self.want
         pids = [m.pid for _, m in self.procs if m.pid]
         return {
             "namespace": w.namespace, "name": w.name, "node": w.node, "ip": self.ip, "netns": self.netns,
             "ambient": w.ambient, "identity": w.identity, "waypoint_of": w.waypoint_of,
             "registered": self.registered,
-            "ready": self.ready, "restarts": sum(m.restarts for _, m in self.procs),
+            "ready": self.ready and node_up, "restarts": sum(m.restarts for _, m in self.procs),
             "state": "running" if self.running else next(
                 (m.state for _, m in self.procs if not m.running), "pending"),
             "pid": pids[0] if pids else None, "ports": list(w.ports), "error": self.error,
@@ -261,7 +264,8 @@ class Supervisor:
             "config_version": self.version or None,
             "config_error": self.config_error, "updated": _now(), "events": self.events,
             "nodes": nodes,
-            "pods": [self.pods[k].to_json(self.cdir) for k in sorted(self.pods)],
+            "pods": [self.pods[k].to_json(self.cdir, node_up=self._node_up(self.pods[k].want))
+                     for k in sorted(self.pods)],
             "services": [{"namespace": s.namespace, "name": s.name, "vip": str(s.vip)}
                          for s in (plan.services if plan else ())],
             "host_access": {"host_ip": str(plan.host_ip), "interface": plan.host_veth}
@@ -312,6 +316,10 @@ class Supervisor:
         host_access = previous.host_access if previous is not None else needs_host_access(desired)
         return plan_network(self.cluster, desired.nodes, pod_specs(desired, config), desired.services,
                             host_access=host_access, previous=previous)
+
+    def _node_up(self, want: PodWant) -> bool:
+        m = self.nodes.get(want.node)
+        return not (want.ambient and self.proxies) or m is None or m.running
 
     def _ingress(self) -> tuple[IngressAddress, ...]:
         if self.plan is None or self.config is None or self.desired is None:
