@@ -1,8 +1,7 @@
 """Build the external-clients PKI of the seed's §8 case: two external CAs whose clients may enter, a
 third CA nobody trusts, and the gateway's server certificate.
 
-Writes ../gateway-secret.yaml (top level of examples/seed/, so `zerotunnel up examples/seed` applies it)
-and, next to this file:
+Writes, next to this file (the Secret one level up, where `zerotunnel up examples/seed` applies it):
   ../gateway-secret.yaml the gateway's Secret: tls.crt/tls.key (server), ca.crt (both partner CAs), ca.crl
   server-ca.crt          what clients trust for https://app-a.example.com
   clients/<name>.crt|key partner-a, partner-b (accepted), stranger (refused), revoked (refused)
