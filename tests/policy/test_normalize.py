@@ -92,3 +92,14 @@ def test_normalization_is_idempotent_and_leaves_no_dot_segments(raw: str, mode: 
     if mode == D:
         assert "%2F" not in once.upper()
         assert "%5C" not in once.upper()
+
+
+@pytest.mark.parametrize("target", ["/x/%%32%65%%32%65/admin", "/%%6161", "/a%", "/a%2", "/a%zz"])
+def test_malformed_percent_encoding_is_a_400(target: str) -> None:
+    """A stray `%` could make the single decoding pass create a new escape (fuzz finding)."""
+    from zerotunnel.policy.normalize import BadRequest, normalize
+
+    for mode in ("BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES"):
+        with pytest.raises(BadRequest, match="not followed by two hex digits"):
+            normalize(target, mode)
+    assert normalize(target, "NONE").path == target.split("?", maxsplit=1)[0]

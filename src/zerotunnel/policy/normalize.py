@@ -22,6 +22,7 @@ MODES = ("NONE", "BASE", "DEFAULT", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES")
 _UNRESERVED = frozenset(b"-._~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _PCT = re.compile(r"%([0-9A-Fa-f]{2})")
 _SLASHES = re.compile(r"/{2,}")
+_MALFORMED_PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 class BadRequest(ZerotunnelError):
@@ -74,8 +75,8 @@ def remove_dot_segments(path: str) -> str:
 
 
 def normalize(target: str, mode: str = "BASE") -> NormalizedPath:
-    """Split the request target into (normalized path, query). Raises BadRequest for `%00` (always)
-    and for an unknown mode."""
+    """Split the request target into (normalized path, query). Raises BadRequest for `%00` (always),
+    for malformed percent-encoding (unless NONE) and for an unknown mode."""
     if mode not in MODES:
         raise BadRequest(f"unknown path normalization {mode!r}; accepted: {', '.join(MODES)}")
     target = target.split("#", 1)[0]
@@ -84,6 +85,10 @@ def normalize(target: str, mode: str = "BASE") -> NormalizedPath:
         raise BadRequest("path contains %00")
     if mode == "NONE":
         return NormalizedPath(path, query)
+    if _MALFORMED_PCT.search(path):
+        # RFC 3986 §2.1: `%` must start an escape. Decoding around a stray one can *create* an escape
+        # (`%%32%65` → `%2e`) that the policy matches as text and the backend decodes to `.`.
+        raise BadRequest("path contains a '%' that is not followed by two hex digits")
     path = _decode_unreserved(path, slashes=mode == "DECODE_AND_MERGE_SLASHES")
     path = path.replace("\\", "/")
     if mode in ("MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES"):
