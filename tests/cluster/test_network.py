@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,7 +45,7 @@ PODS = [PodSpec("a", "ns1", "n1"), PodSpec("b", "ns1", "n1"), PodSpec("c", "ns2"
         PodSpec("d", "ns2", "n2")]
 
 
-def _cidrs() -> dict[str, str]:
+def _cidrs() -> dict[str, Any]:
     """Per-run ranges, so concurrent test runs with host access never fight over root routes."""
     routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True,
                             check=True).stdout
