@@ -37,7 +37,7 @@ MILESTONES = [
 def one(example: str, control_plane: bool) -> dict[str, float]:
     name = "b" + secrets.token_hex(4)
     t0 = time.time()
-    flags = ["--control-plane"] if control_plane else []
+    flags = ["--control-plane"] if control_plane else ["--standalone"]
     up = subprocess.run([ZT, "up", "--name", name, "-o", "json", *flags, example], capture_output=True,
                         text=True, timeout=120, check=False)
     t_up = time.time() - t0

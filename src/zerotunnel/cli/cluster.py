@@ -87,9 +87,10 @@ def render_status(status: dict[str, Any]) -> str:
                    "POD_IP; no capture, no node proxies, no mTLS.")
 @click.option("--no-proxies", is_flag=True, hidden=True,
               help="Run pods without node proxies (every pod out of the mesh); for runner development.")
-@click.option("--control-plane", is_flag=True,
-              help="Run a control plane (`zerotunnel control`: the mesh CA over gRPC, config over xDS) and "
-                   "enrol each node proxy with a join token, instead of giving the proxies files and the CA.")
+@click.option("--control-plane/--standalone", default=True, show_default=True,
+              help="Run the control plane (`zerotunnel control`: the mesh CA over gRPC, config over xDS) and "
+                   "enrol each node proxy with a join token, so no node holds the CA key (the default); "
+                   "--standalone gives the node proxies the config files and the CA directory instead.")
 @click.option("--timeout", type=float, default=runner.DEFAULT_TIMEOUT, show_default=True,
               help="Seconds to wait for every pod to be ready.")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
@@ -108,8 +109,9 @@ def up(directory: tuple[str, ...], name: str, no_netns: bool, no_proxies: bool, 
                    "not enforced; it is for developing pod commands only", err=True)
     click.echo(f"zerotunnel up {' '.join(directory)} (cluster {name})", err=True)
     try:
+        in_mesh = not no_netns and not no_proxies
         result = runner.up(list(directory), name, netns=not no_netns, proxies=not no_proxies,
-                           control_plane=control_plane, exec_supervisor=False, timeout=timeout,
+                           control_plane=control_plane and in_mesh, exec_supervisor=False, timeout=timeout,
                            progress=_progress)
     except runner.ClusterError as exc:
         click.echo(f"error: {exc.message}", err=True)
