@@ -5,7 +5,10 @@ istio-ambient.md §6 and issue 7: keep-alive and pipelining (h11 holds the next 
 current response is written), chunked bodies, `Expect: 100-continue`; an `Upgrade: h2c` request is
 served as plain HTTP/1.1 (Envoy drops that upgrade too), any other upgrade and `CONNECT` are refused
 with 501 and a clear reason. Bounds (security.md §1d, §3): 64 KiB of headers (431 on HTTP/1.1, stream
-reset on HTTP/2), bodies up to 16 MiB (413), at most 100 concurrent HTTP/2 streams.
+reset on HTTP/2), bodies up to 16 MiB (413), at most 100 concurrent HTTP/2 streams, a request head (or
+the HTTP/2 preface) complete within HEADER_TIMEOUT of its first byte (408 and close: slowloris,
+security.md §4 item 15), and a budget of SETTINGS/PING frames per HTTP/2 connection (GOAWAY
+ENHANCE_YOUR_CALM; `h2` answers every PING and SETTINGS by itself, unbounded).
 """
 
 from __future__ import annotations
@@ -40,6 +43,12 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_CONCURRENT_STREAMS = 100
 RESET_BURST = 1000
 RESET_RATE = 33.0
+CONTROL_BURST = 200
+CONTROL_RATE = 20.0
+"""The node proxy's `AbuseLimits` control-frame budget: a keepalive is one PING per 10 s."""
+HEADER_TIMEOUT = 10.0
+"""Envoy's `request_headers_timeout` (off by default; its edge guide sets it): the head of a request must
+arrive within this many seconds of its first byte. Idle keep-alive between requests is not counted."""
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
 _NO_BODY = frozenset({204, 304})
 
@@ -61,14 +70,34 @@ def _upgrade_refusal(request: HttpRequest) -> HttpResponse | None:
     return text_response(501, f"upgrade not supported by this proxy: {upgrade}\n")
 
 
+class _HeaderTimeout(Exception):
+    pass
+
+
+async def _recv_by(channel: ByteChannel, deadline: float) -> bytes:
+    remaining = deadline - asyncio.get_running_loop().time()
+    if remaining <= 0:
+        raise _HeaderTimeout
+    try:
+        return await asyncio.wait_for(channel.recv(), remaining)
+    except TimeoutError:
+        raise _HeaderTimeout from None
+
+
 async def serve_http(channel: ByteChannel, handler: Handler, *, scheme: str = "http") -> None:
     """Serve every request on `channel` until the client closes; returns when done."""
     first = await channel.recv()
     if not first:
         return
     if H2_PREFACE.startswith(first[: len(H2_PREFACE)]):
+        deadline = asyncio.get_running_loop().time() + HEADER_TIMEOUT
         while len(first) < len(H2_PREFACE) and H2_PREFACE.startswith(first):
-            more = await channel.recv()
+            try:
+                more = await _recv_by(channel, deadline)
+            except _HeaderTimeout:
+                log.info("HTTP/2 preface not complete within %.0f s; closing", HEADER_TIMEOUT)
+                channel.abort("request header timeout")
+                return
             if not more:
                 return
             first += more
@@ -89,12 +118,20 @@ async def _h1_next(conn: h11.Connection, channel: ByteChannel, scheme: str) -> H
     request: HttpRequest | None = None
     body: list[bytes] = []
     size = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + HEADER_TIMEOUT if conn.trailing_data[0] else None
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
             if request is not None and conn.they_are_waiting_for_100_continue:
                 await channel.send(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
-            conn.receive_data(await channel.recv())
+            if request is None and deadline is not None:
+                conn.receive_data(await _recv_by(channel, deadline))
+            else:
+                data = await channel.recv()
+                if request is None and data:
+                    deadline = loop.time() + HEADER_TIMEOUT
+                conn.receive_data(data)
             continue
         if event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
             return None
@@ -178,6 +215,12 @@ async def _serve_h1(channel: ByteChannel, handler: Handler, first: bytes, scheme
             except _TooLarge:
                 await _send_h1(conn, channel, None, text_response(413, "payload too large\n"), close=True)
                 return
+            except _HeaderTimeout:
+                log.info("request head not complete within %.0f s; closing", HEADER_TIMEOUT)
+                with contextlib.suppress(h11.LocalProtocolError):
+                    timeout = text_response(408, "request header timeout\n")
+                    await _send_h1(conn, channel, None, timeout, close=True)
+                return
             if request is None:
                 return
             response = await handler(request)
@@ -217,6 +260,8 @@ class _H2Session:
         self.reset_tokens = float(RESET_BURST)
         self.reset_stamp = time.monotonic()
         self.abusive = False
+        self.control_tokens = float(CONTROL_BURST)
+        self.control_stamp = time.monotonic()
         self.sizes: dict[int, int] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.window = asyncio.Event()
@@ -296,6 +341,10 @@ class _H2Session:
             self._count_reset()
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self.window.set()
+            if isinstance(event, h2.events.RemoteSettingsChanged):
+                self._count_control()
+        elif isinstance(event, h2.events.PingReceived):
+            self._count_control()
 
     def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
@@ -313,6 +362,19 @@ class _H2Session:
         if self.reset_tokens < 0 and not self.abusive:
             self.abusive = True
             log.warning("HTTP/2 client exceeded the stream reset budget; closing the connection")
+            self.conn.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def _count_control(self) -> None:
+        """security.md §1d (SETTINGS/PING floods, CVE-2019-9512/9515): each costs us an ACK."""
+        now = time.monotonic()
+        self.control_tokens = min(
+            CONTROL_BURST, self.control_tokens + (now - self.control_stamp) * CONTROL_RATE
+        )
+        self.control_stamp = now
+        self.control_tokens -= 1
+        if self.control_tokens < 0 and not self.abusive:
+            self.abusive = True
+            log.warning("HTTP/2 client exceeded the SETTINGS/PING budget; closing the connection")
             self.conn.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
 
     async def _handle(self, sid: int, request: HttpRequest) -> None:
