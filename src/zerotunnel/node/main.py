@@ -16,23 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import watchfiles
-
 from zerotunnel.config import Config
-from zerotunnel.config.model import FrozenMap
 from zerotunnel.control.client import ConfigSubscription, GrpcCaClient, Snapshot, ensure_node_identity
 from zerotunnel.control.watch import FileConfigSource
 from zerotunnel.errors import InputError
-from zerotunnel.mesh.build import Addresses
 from zerotunnel.node import admin
 from zerotunnel.node.accesslog import AccessLog
+from zerotunnel.node.addresses import follow_addresses, read_addresses
 from zerotunnel.node.certs import CertificateManager, LocalCaClient
 from zerotunnel.node.podapi import serve_pod_api
 from zerotunnel.node.proxy import NodeProxy
@@ -58,26 +54,6 @@ class NodeOptions:
     pods: tuple[tuple[str, str, str], ...] = field(default=())
     """(uid, netns, ip) to serve at start, for running without a pod API client."""
 
-
-def read_addresses(path: Path | None) -> Addresses:
-    """The runner's address file: {"pod_ips": {"ns/name": ip}, "service_vips": {"ns/name": vip}}."""
-    if path is None:
-        return Addresses()
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"addresses file {path} does not exist") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"addresses file {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"addresses file {path}: expected a JSON object")
-    pod_ips, vips = data.get("pod_ips", {}), data.get("service_vips", {})
-    if not isinstance(pod_ips, dict) or not isinstance(vips, dict):
-        raise InputError(f"addresses file {path}: pod_ips and service_vips must be objects")
-    return Addresses(
-        FrozenMap({str(k): str(v) for k, v in pod_ips.items()}),
-        FrozenMap({str(k): str(v) for k, v in vips.items()}),
-    )
 
 
 class NodeRunner:
@@ -143,24 +119,9 @@ class NodeRunner:
         log.error("configuration change rejected; the last good configuration stays in force: %s", error)
 
     async def _watch_addresses(self) -> None:
-        path = self.options.addresses
-        if path is None:
-            return
-        async for _ in watchfiles.awatch(
-            path.parent,
-            stop_event=self.stop,
-            debounce=100,
-            step=20,
-            watch_filter=lambda _c, p: Path(p).name == path.name,
-        ):
-            try:
-                addresses = read_addresses(path)
-            except InputError as exc:
-                log.error("%s; keeping the previous addresses", exc)
-                continue
-            if addresses != self.addresses:
-                self.addresses = addresses
-                self._apply()
+        async for addresses in follow_addresses(self.options.addresses, self.stop, lambda: self.addresses):
+            self.addresses = addresses
+            self._apply()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -18,8 +18,6 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import watchfiles
-
 from zerotunnel.config import Config
 from zerotunnel.control.watch import FileConfigSource
 from zerotunnel.errors import InputError
@@ -27,8 +25,8 @@ from zerotunnel.mesh.build import Addresses
 from zerotunnel.mesh.model import WaypointRef
 from zerotunnel.node import admin
 from zerotunnel.node.accesslog import AccessLog
+from zerotunnel.node.addresses import follow_addresses, read_addresses
 from zerotunnel.node.certs import CertificateError, CertificateManager, LocalCaClient
-from zerotunnel.node.main import read_addresses
 from zerotunnel.waypoint.proxy import Waypoint, waypoint_identity
 from zerotunnel.waypoint.telemetry import RequestTelemetry
 
@@ -122,24 +120,9 @@ class WaypointRunner:
         log.error("configuration change rejected; the last good configuration stays in force: %s", error)
 
     async def _watch_addresses(self) -> None:
-        path = self.options.addresses
-        if path is None:
-            return
-        async for _ in watchfiles.awatch(
-            path.parent,
-            stop_event=self.stop,
-            debounce=100,
-            step=20,
-            watch_filter=lambda _c, p: Path(p).name == path.name,
-        ):
-            try:
-                addresses = read_addresses(path)
-            except InputError as exc:
-                log.error("%s; keeping the previous addresses", exc)
-                continue
-            if addresses != self.addresses:
-                self.addresses = addresses
-                await self._apply()
+        async for addresses in follow_addresses(self.options.addresses, self.stop, lambda: self.addresses):
+            self.addresses = addresses
+            await self._apply()
 
     def _metrics(self, _method: str, path: str) -> admin.Response:
         if path not in ("/metrics", "/stats/prometheus"):
