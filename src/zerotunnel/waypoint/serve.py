@@ -145,6 +145,10 @@ async def _h1_next(conn: h11.Connection, channel: ByteChannel, scheme: str) -> H
             )
             if sum(len(k) + len(v) + 4 for k, v in request.headers) > MAX_HEADER_BYTES:
                 raise HttpError("request header fields too large", status=431)
+            if {"transfer-encoding", "content-length"} <= {k for k, _ in request.headers}:
+                # RFC 9112 §6.1: the request-smuggling shape; Envoy (`allow_chunked_length: false`)
+                # refuses it, and either way the connection must close after the answer.
+                raise HttpError("bad request: both Content-Length and Transfer-Encoding", status=400)
             refusal = _upgrade_refusal(request)
             if refusal is not None:
                 raise HttpError(refusal.body.decode().strip(), status=refusal.status)
@@ -375,6 +379,8 @@ class _H2Session:
         if self.control_tokens < 0 and not self.abusive:
             self.abusive = True
             log.warning("HTTP/2 client exceeded the SETTINGS/PING budget; closing the connection")
+            # `h2` has already queued an ACK for every frame of this read: they are not sent.
+            self.conn.clear_outbound_data_buffer()
             self.conn.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
 
     async def _handle(self, sid: int, request: HttpRequest) -> None:

@@ -1,0 +1,467 @@
+"""Hostile HTTP/1.1 and HTTP/2 into a real waypoint, inside a real HBONE tunnel (issue 9; security.md
+§1d, §4 items 12-15).
+
+The loopback mesh is the waypoint tests' own (tests/waypoint/conftest.py: mesh CA, the seed's
+namespaces, app-a's demo app behind a real `HboneServer`, the `Waypoint` on its own 15008, policy
+"GET /data from app-b only"). The attacker holds app-b's SVID — a compromised but *authorized*
+workload, the case these limits exist for — and speaks over its own HBONE connection to the
+waypoint, so the tunnel is genuine and the hostile bytes are what the waypoint's HTTP layer parses.
+During each attack a legitimate client (app-b, another connection) sends `GET /data` back to back.
+
+Pass: the abuser is answered with the right refusal (431/400/408 and close on HTTP/1.1, GOAWAY with
+the right code on HTTP/2) promptly, the legitimate client keeps a 100% success rate, and nothing the
+attacker smuggled reaches app-a (the demo app logs every request it served).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import hpack
+import pytest
+import pytest_asyncio
+from hyperframe.frame import (
+    ContinuationFrame,
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    RstStreamFrame,
+    SettingsFrame,
+)
+
+from zerotunnel.identity.bundle import TrustBundle
+from zerotunnel.identity.ca import CertificateAuthority
+from zerotunnel.identity.spiffe import SpiffeId
+from zerotunnel.node.hbone_client import HbonePool, PoolKey
+from zerotunnel.waypoint import serve
+from zerotunnel.waypoint.http import StreamChannel
+
+_WP_CONFTEST = Path(__file__).resolve().parents[1] / "waypoint" / "conftest.py"
+_spec = importlib.util.spec_from_file_location("zt_reliability_waypoint_conftest", _WP_CONFTEST)
+assert _spec is not None and _spec.loader is not None
+wp = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = wp
+_spec.loader.exec_module(wp)
+
+HOST = "app-a.namespace-a.svc.cluster.local"
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+PROTOCOL_ERROR = 0x1
+ENHANCE_YOUR_CALM = 0xB
+
+
+async def run(coro: Awaitable[Any], timeout: float = 120) -> Any:
+    return await asyncio.wait_for(coro, timeout)
+
+
+@pytest.fixture(scope="module")
+def wpki() -> Any:
+    root = CertificateAuthority.create_root(wp.TD, wp.NOW - timedelta(days=1))
+    inter = CertificateAuthority.create_intermediate(root, wp.NOW - timedelta(days=1))
+    return wp.Pki(inter, TrustBundle.from_certs(wp.TD, root.roots))
+
+
+@pytest_asyncio.fixture
+async def mesh(wpki: Any) -> AsyncIterator[Any]:
+    m = await wp.start_mesh(wpki, wp.seed_with_waypoint(wp.SEED_POLICY))
+    yield m
+    await m.close()
+
+
+class Attacker:
+    """app-b's SVID on a connection of its own (not the legitimate client's pooled one)."""
+
+    def __init__(self, mesh: Any) -> None:
+        self.mesh = mesh
+        creds = mesh.pki.creds("namespace-b", "service-account-b")
+        self.pool = HbonePool(lambda _i: creds, mark=False)
+        self.key = PoolKey(
+            SpiffeId.istio(wp.TD, "namespace-b", "service-account-b"),
+            frozenset({mesh.waypoint.identity}),
+            mesh.waypoint.address,
+        )
+
+    async def tunnel(self) -> StreamChannel:
+        return StreamChannel(await self.pool.connect(self.key, f"{wp.VIP}:80"))
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+
+async def read_all(channel: StreamChannel, limit: float) -> tuple[bytes, bool, float]:
+    """Everything the waypoint sends until it closes the tunnel (True) or `limit` passes (False)."""
+    t0 = time.monotonic()
+    out = bytearray()
+    while True:
+        remaining = limit - (time.monotonic() - t0)
+        if remaining <= 0:
+            return bytes(out), False, time.monotonic() - t0
+        try:
+            chunk = await asyncio.wait_for(channel.recv(), remaining)
+        except TimeoutError:
+            return bytes(out), False, time.monotonic() - t0
+        except ConnectionError:
+            return bytes(out), True, time.monotonic() - t0
+        if not chunk:
+            return bytes(out), True, time.monotonic() - t0
+        out += chunk
+
+
+async def send_quietly(channel: StreamChannel, data: bytes, chunk: int = 64 * 1024) -> int:
+    """Write `data`; the waypoint may close the tunnel part-way (that is the point). Bytes written."""
+    sent = 0
+    with contextlib.suppress(ConnectionError):
+        for i in range(0, len(data), chunk):
+            await channel.send(data[i : i + chunk])
+            sent += len(data[i : i + chunk])
+    return sent
+
+
+class Legit:
+    """app-b's honest `GET /data`, back to back, on the mesh's own pooled connection."""
+
+    def __init__(self, mesh: Any) -> None:
+        self.mesh = mesh
+        self.ok = 0
+        self.failed = 0
+        self.errors: list[str] = []
+        self.latencies: list[float] = []
+
+    async def once(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            response = await asyncio.wait_for(self.mesh.request("GET", "/data"), 10)
+            if response.status != 200:
+                raise AssertionError(f"status {response.status}: {response.body[:80]!r}")
+        except Exception as exc:
+            self.failed += 1
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+            return
+        self.latencies.append(time.perf_counter() - t0)
+        self.ok += 1
+
+    async def loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.once()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.02)
+
+    def stats(self) -> dict[str, Any]:
+        lat = sorted(self.latencies)
+        total = self.ok + self.failed
+        return {
+            "requests": total,
+            "success_rate": round(self.ok / total, 4) if total else None,
+            "p50_ms": round(statistics.median(lat) * 1000, 2) if lat else None,
+            "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000, 2) if lat else None,
+            "errors": self.errors[:3],
+        }
+
+
+async def under_attack(
+    mesh: Any, attack: Callable[[Attacker], Awaitable[dict[str, Any]]]
+) -> dict[str, Any]:
+    """Baseline, then `attack` while the legitimate client runs; both sets of figures."""
+    base = Legit(mesh)
+    for _ in range(10):
+        await base.once()
+    legit = Legit(mesh)
+    stop = asyncio.Event()
+    prober = asyncio.create_task(legit.loop(stop))
+    attacker = Attacker(mesh)
+    t0 = time.monotonic()
+    try:
+        result = await attack(attacker)
+        # A quick refusal still gets a window of honest traffic right behind it.
+        while legit.ok + legit.failed < 5 or time.monotonic() - t0 < 0.5:
+            await asyncio.sleep(0.02)
+    finally:
+        stop.set()
+        await prober
+        await attacker.close()
+    return {"attack": result, "baseline": base.stats(), "during": legit.stats()}
+
+
+def check_legit(out: dict[str, Any]) -> None:
+    assert out["during"]["requests"] >= 3, out
+    assert out["during"]["success_rate"] == 1.0, out
+    assert out["during"]["p99_ms"] < max(10 * out["baseline"]["p99_ms"], 1500), out
+
+
+def smuggled(mesh: Any) -> list[str]:
+    """What app-a served other than the honest `GET /data`: must stay empty."""
+    return [line for line in mesh.app_requests if not line.startswith("GET /data 200 ")]
+
+
+# -- HTTP/1.1 ------------------------------------------------------------------------------------
+
+
+def _head(extra: str = "", method: str = "GET", path: str = "/data") -> bytes:
+    return f"{method} {path} HTTP/1.1\r\nhost: {HOST}\r\n{extra}\r\n".encode()
+
+
+H1_REFUSED = [
+    pytest.param(_head("x-big: " + "a" * (70 * 1024) + "\r\n"), {431}, id="one-header-70KiB"),
+    pytest.param(_head("".join(f"x-h{i}: v\r\n" for i in range(10_000))), {431}, id="header-count-10k"),
+    pytest.param(b"GET /data HTTP/1.1\r\nhost: " + HOST.encode() + b"\r\nx\x00y: 1\r\n\r\n", {400},
+                 id="nul-in-name"),
+]
+
+
+@pytest.mark.parametrize(("wire", "statuses"), H1_REFUSED)
+async def test_h1_oversized_and_malformed_heads_are_refused(
+    mesh: Any, figures: Any, wire: bytes, statuses: set[int]
+) -> None:
+    async def attack(a: Attacker) -> dict[str, Any]:
+        channel = await a.tunnel()
+        sent = await send_quietly(channel, wire)
+        got, closed, elapsed = await read_all(channel, 5.0)
+        status = int(got.split(b" ", 2)[1]) if got.startswith(b"HTTP/1.1 ") else None
+        return {"bytes": len(wire), "sent": sent, "status": status, "closed": closed,
+                "elapsed_s": round(elapsed, 3)}
+
+    out = await run(under_attack(mesh, attack))
+    figures(target="waypoint", **out)
+    assert out["attack"]["status"] in statuses, out
+    assert out["attack"]["closed"], out
+    assert smuggled(mesh) == [], mesh.app_requests
+    check_legit(out)
+
+
+# CL/TE desync (RFC 9112 §6.1, §6.3; PortSwigger's variants). The waypoint re-frames every request it
+# forwards (it drops Transfer-Encoding/Content-Length and sets its own), so the backend can never
+# read a body as a request; what must hold is that the smuggled `DELETE /data` — which policy
+# refuses to app-b — never reaches app-a, whatever the waypoint made of the framing.
+SMUGGLE = b"DELETE /data HTTP/1.1\r\nhost: " + HOST.encode() + b"\r\n\r\n"
+_CHUNKED_SMUGGLE = b"0\r\n\r\n" + SMUGGLE
+SMUGGLING = [
+    pytest.param(_head(f"content-length: {len(_CHUNKED_SMUGGLE)}\r\ntransfer-encoding: chunked\r\n",
+                       "POST") + _CHUNKED_SMUGGLE, [400], id="CL.TE"),
+    pytest.param(_head("transfer-encoding: chunked\r\ncontent-length: 4\r\n", "POST")
+                 + f"{len(SMUGGLE):x}\r\n".encode() + SMUGGLE + b"\r\n0\r\n\r\n", [400], id="TE.CL"),
+    pytest.param(_head("content-length: 0\r\ncontent-length: 40\r\n", "POST") + SMUGGLE, [400], id="CL.CL"),
+    pytest.param(_head("transfer-encoding: xchunked\r\n", "POST") + _CHUNKED_SMUGGLE, [501],
+                 id="TE-obfuscated"),
+    pytest.param(_head("transfer-encoding : chunked\r\n", "POST") + _CHUNKED_SMUGGLE, [400],
+                 id="TE-space-colon"),
+    pytest.param(_head("transfer-encoding: chunked, identity\r\n", "POST") + _CHUNKED_SMUGGLE,
+                 [501], id="TE-list"),
+    pytest.param(_head("transfer-encoding: chunked\r\ntransfer-encoding: identity\r\n", "POST")
+                 + _CHUNKED_SMUGGLE, [501], id="TE-twice"),
+    pytest.param(_head("content-length: +5\r\n", "POST") + b"hello" + SMUGGLE, [400], id="CL-plus-sign"),
+    pytest.param(_head("transfer-encoding: chunked\r\n", "POST") + b"5;ext\nhello\r\n0\r\n\r\n" + SMUGGLE,
+                 [400], id="chunk-bare-LF"),
+    pytest.param(b"GET /data HTTP/1.1\nhost: " + HOST.encode() + b"\n\n" + SMUGGLE, None, id="bare-LF-head"),
+    pytest.param(_head("content-length: " + str(len(SMUGGLE)) + "\r\n") + SMUGGLE, [200], id="GET-with-body"),
+]
+
+
+@pytest.mark.parametrize(("wire", "expected"), SMUGGLING)
+async def test_h1_request_smuggling_never_reaches_the_backend(
+    mesh: Any, figures: Any, wire: bytes, expected: list[int] | None
+) -> None:
+    """`expected`: the waypoint's exact answers (ambiguous framing is one 400/501 and close, RFC 9112
+    §6.1/§6.3: never a second request parsed from the attacker's body)."""
+    async def attack(a: Attacker) -> dict[str, Any]:
+        channel = await a.tunnel()
+        await send_quietly(channel, wire)
+        channel.send_eof()
+        got, closed, elapsed = await read_all(channel, 5.0)
+        statuses = [int(line.split(b" ")[1]) for line in got.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
+        return {"statuses": statuses, "closed": closed, "elapsed_s": round(elapsed, 3)}
+
+    out = await run(under_attack(mesh, attack))
+    figures(target="waypoint", app_served=mesh.app_requests[-3:], **out)
+    assert not any(line.startswith("DELETE") for line in mesh.app_requests), mesh.app_requests
+    assert smuggled(mesh) == [], mesh.app_requests
+    # Whatever was parsed as a second request was policy-checked: 403, never a 2xx for DELETE.
+    assert all(s in (200, 400, 403, 411, 413, 431, 501) for s in out["attack"]["statuses"]), out
+    if expected is not None:
+        assert out["attack"]["statuses"] == expected, out
+    assert out["attack"]["closed"], out
+    check_legit(out)
+
+
+def test_header_timeout_is_set() -> None:
+    """Slowloris needs a bound on the time a request head may take (security.md §4 item 15)."""
+    assert 0 < serve.HEADER_TIMEOUT <= 30
+
+
+@pytest.mark.slow
+async def test_h1_slowloris_is_cut_off(mesh: Any, figures: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """20 tunnels each sending one header byte per second never complete a head; each is answered
+    408 and closed at the head timeout (shortened to 3 s here; 10 s in production) while app-b's
+    honest requests keep working."""
+    monkeypatch.setattr(serve, "HEADER_TIMEOUT", 3.0)
+    wire = _head("x-slow: " + "s" * 64 + "\r\n")
+
+    async def one(a: Attacker) -> dict[str, Any]:
+        channel = await a.tunnel()
+        t0 = time.monotonic()
+        reader = asyncio.create_task(read_all(channel, 10.0))
+        dripped = 0
+        for byte in wire:
+            if reader.done():
+                break
+            with contextlib.suppress(ConnectionError):
+                await channel.send(bytes([byte]))
+                dripped += 1
+            await asyncio.wait([reader], timeout=1.0)
+        got, closed, _ = await reader
+        return {"dripped": dripped, "status": got[9:12].decode() if got else None, "closed": closed,
+                "cut_after_s": round(time.monotonic() - t0, 2)}
+
+    async def attack(a: Attacker) -> dict[str, Any]:
+        results = await asyncio.gather(*(one(a) for _ in range(20)))
+        return {"connections": len(results), "statuses": sorted({r["status"] for r in results}),
+                "all_closed": all(r["closed"] for r in results),
+                "max_cut_after_s": max(r["cut_after_s"] for r in results),
+                "max_bytes_dripped": max(r["dripped"] for r in results)}
+
+    out = await run(under_attack(mesh, attack))
+    figures(target="waypoint", scenario="slowloris-http-1B/s", head_timeout_s=3.0, **out)
+    assert out["attack"]["statuses"] == ["408"], out
+    assert out["attack"]["all_closed"], out
+    assert out["attack"]["max_cut_after_s"] < 3.0 + 2.5, out
+    assert out["attack"]["max_bytes_dripped"] < len(wire), out
+    assert smuggled(mesh) == [], mesh.app_requests
+    check_legit(out)
+
+
+async def test_idle_keepalive_is_not_a_head_timeout(mesh: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head timer starts at a request's first byte: a keep-alive connection idle longer than the
+    timeout still serves its next request."""
+    monkeypatch.setattr(serve, "HEADER_TIMEOUT", 0.5)
+
+    async def go() -> list[bytes]:
+        a = Attacker(mesh)
+        try:
+            channel = await a.tunnel()
+            await channel.send(_head())
+            first = await asyncio.wait_for(channel.recv(), 5)
+            await asyncio.sleep(1.0)
+            await channel.send(_head())
+            second = await asyncio.wait_for(channel.recv(), 5)
+            return [first[:12], second[:12]]
+        finally:
+            await a.close()
+
+    assert await run(go()) == [b"HTTP/1.1 200", b"HTTP/1.1 200"]
+
+
+# -- HTTP/2 (prior knowledge inside the tunnel) -------------------------------------------------------
+
+
+def _block(enc: hpack.Encoder, method: str = "GET", path: str = "/data",
+           extra: list[tuple[str, str]] | None = None) -> bytes:
+    headers = [(":method", method), (":scheme", "http"), (":authority", HOST), (":path", path)]
+    headers += extra or []
+    return bytes(enc.encode(headers, huffman=False))
+
+
+def header_frames(sid: int, block: bytes, *, end_stream: bool = True) -> list[bytes]:
+    """A header block as HEADERS + CONTINUATION frames within the default 16 KiB frame size."""
+    size = 16384
+    parts = [block[i : i + size] for i in range(0, len(block), size)] or [b""]
+    flags = (["END_STREAM"] if end_stream else []) + (["END_HEADERS"] if len(parts) == 1 else [])
+    out = [HeadersFrame(sid, parts[0], flags=flags).serialize()]
+    for i, part in enumerate(parts[1:], 2):
+        out.append(ContinuationFrame(sid, part, flags=["END_HEADERS"] if i == len(parts) else []).serialize())
+    return out
+
+
+def h2_attack(scenario: str, n: int) -> bytes:
+    enc = hpack.Encoder()
+    out = [PREFACE, SettingsFrame(0).serialize()]
+    if scenario == "rapid_reset":
+        for i in range(n):
+            sid = 2 * i + 1
+            out.append(HeadersFrame(sid, _block(enc), flags=["END_HEADERS", "END_STREAM"]).serialize())
+            out.append(RstStreamFrame(sid, error_code=0x8).serialize())
+    elif scenario == "continuation":
+        out.append(HeadersFrame(1, _block(enc)[:3]).serialize())
+        out.extend(ContinuationFrame(1, b"\x00" * 1024).serialize() for _ in range(n))
+    elif scenario == "big_headers":
+        out.extend(header_frames(1, _block(enc, extra=[("x-big", "a" * (70 * 1024))])))
+    elif scenario == "header_count":
+        extra = [(f"x-h{i}", "v") for i in range(n)]
+        out.extend(header_frames(1, _block(enc, extra=extra)))
+    elif scenario == "hpack_bomb":
+        first = _block(enc, extra=[("x-bomb", "b" * 4000)])
+        more = bytes(enc.encode([("x-bomb", "b" * 4000)] * n))
+        out.extend(header_frames(1, first + more))
+    elif scenario == "settings_flood":
+        out.extend(SettingsFrame(0).serialize() for _ in range(n))
+    elif scenario == "ping_flood":
+        out.extend(PingFrame(0, opaque_data=i.to_bytes(8, "big")).serialize() for i in range(n))
+    else:
+        raise AssertionError(scenario)
+    return b"".join(out)
+
+
+def parse_frames(data: bytes) -> list[Frame]:
+    found: list[Frame] = []
+    pos = 0
+    while pos + 9 <= len(data):
+        frame, length = Frame.parse_frame_header(memoryview(data[pos : pos + 9]))
+        if pos + 9 + length > len(data):
+            break
+        frame.parse_body(memoryview(data[pos + 9 : pos + 9 + length]))
+        found.append(frame)
+        pos += 9 + length
+    return found
+
+
+H2_CUT_OFF = [
+    pytest.param("rapid_reset", 10_000, {ENHANCE_YOUR_CALM}, id="rapid-reset-10k"),
+    pytest.param("continuation", 1_000, {PROTOCOL_ERROR, ENHANCE_YOUR_CALM}, id="continuation-1k-1KiB"),
+    pytest.param("big_headers", 1, {PROTOCOL_ERROR, ENHANCE_YOUR_CALM}, id="header-list-70KiB"),
+    pytest.param("header_count", 10_000, {PROTOCOL_ERROR, ENHANCE_YOUR_CALM}, id="header-count-10k"),
+    pytest.param("hpack_bomb", 100, {PROTOCOL_ERROR, ENHANCE_YOUR_CALM}, id="hpack-bomb-400KiB-decoded"),
+    pytest.param("settings_flood", 10_000, {ENHANCE_YOUR_CALM}, id="settings-flood-10k"),
+    pytest.param("ping_flood", 10_000, {ENHANCE_YOUR_CALM}, id="ping-flood-10k"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("scenario", "n", "codes"), H2_CUT_OFF)
+async def test_h2_abuser_is_cut_off(
+    mesh: Any, figures: Any, scenario: str, n: int, codes: set[int]
+) -> None:
+    wire = h2_attack(scenario, n)
+
+    async def attack(a: Attacker) -> dict[str, Any]:
+        channel = await a.tunnel()
+        reader = asyncio.create_task(read_all(channel, 10.0))
+        sent = await send_quietly(channel, wire)
+        got, closed, elapsed = await reader
+        frames = parse_frames(got)
+        goaway = next((f for f in frames if isinstance(f, GoAwayFrame)), None)
+        return {"frames": n, "bytes": len(wire), "sent": sent, "closed": closed,
+                "elapsed_s": round(elapsed, 3),
+                "goaway": None if goaway is None else int(goaway.error_code),
+                "responses": sum(isinstance(f, HeadersFrame) for f in frames),
+                "pings_acked": sum(isinstance(f, PingFrame) for f in frames)}
+
+    before = len(mesh.app_requests)
+    out = await run(under_attack(mesh, attack))
+    figures(target="waypoint", scenario=scenario, app_requests_during=len(mesh.app_requests) - before, **out)
+    attack_out = out["attack"]
+    assert attack_out["goaway"] in codes, out
+    assert attack_out["closed"], out
+    assert attack_out["elapsed_s"] < 5.0, out
+    if scenario == "rapid_reset":
+        # The reset budget (1000) bounds the upstream work: reset streams never reach app-a.
+        assert len(mesh.app_requests) - before <= out["during"]["requests"] + 10 + 1000, out
+    if scenario == "ping_flood":
+        assert attack_out["pings_acked"] <= serve.CONTROL_BURST + 50, out
+    check_legit(out)
