@@ -22,7 +22,6 @@ directory is what `zerotunnel control status` reads; Prometheus metrics are on l
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import json
 import logging
@@ -255,6 +254,7 @@ class ControlPlane:
         # (certificate, CA) and the cached result is used only inside the certificate's validity window.
         self._verified: dict[tuple[bytes, bytes], VerifiedPeer] = {}
         self.tokens = TokenStore(state_dir)
+        self._status_error: str | None = None
         self.ca: CertificateAuthority
         self.ca_source: Path
         self.config: Config
@@ -543,19 +543,32 @@ class ControlPlane:
             "nodes": [self._node_status(n) for n in sorted(set(enrolled) | set(self.sessions))],
         }
 
-    def write_status(self) -> None:
+    def write_status(self) -> bool:
+        """Write `status.json`; False when the state directory refused it (disk full, read-only).
+
+        Issuance needs no disk, so a full state directory must not stop the CA or the config watch
+        (issue 9, faults): the failure is logged once, when it starts, and once when writes work again.
+        """
         body = json.dumps(self.status(), indent=1).encode()
-        castore.write_files({self.state_dir / STATUS_FILE: (body, 0o600)})
+        try:
+            castore.write_files({self.state_dir / STATUS_FILE: (body, 0o600)})
+        except (InputError, OSError) as exc:
+            if self._status_error is None:
+                log.error("status not written, serving on (state directory: %s)", exc)
+            self._status_error = str(exc)
+            return False
+        if self._status_error is not None:
+            log.warning("status written again after: %s", self._status_error)
+            self._status_error = None
+        return True
 
     async def _status_loop(self) -> None:
         last = ""
         while True:
             await asyncio.sleep(self._status_interval)
             snapshot = json.dumps({k: v for k, v in self.status().items() if k != "updated"})
-            if snapshot != last:
+            if snapshot != last and self.write_status():
                 last = snapshot
-                with contextlib.suppress(InputError, OSError):
-                    self.write_status()
 
     # -- enrolment --------------------------------------------------------------------------------
 

@@ -23,6 +23,8 @@ from zerotunnel.control.files import read_config_paths
 from zerotunnel.errors import InputError
 
 log = logging.getLogger("zerotunnel.config")
+SETTLE_SECONDS = 0.3
+SETTLE_ROUNDS = 8
 
 OnConfig = Callable[[Config, int], Awaitable[None] | None]
 OnError = Callable[[InputError], Awaitable[None] | None]
@@ -63,9 +65,30 @@ class FileConfigSource:
         self.last_error = None
         return self.current
 
+    async def _settled(self) -> None:
+        """Wait until two reads `SETTLE_SECONDS` apart see the same files (at most `SETTLE_ROUNDS`).
+
+        An editor that saves by unlinking and re-creating a file, or a writer that truncates and then
+        writes, shows the watcher an intermediate state that is valid YAML: the file missing, or empty
+        (zero documents). Loading that would apply the config *without* the file's policies for a moment
+        — a DENY lifted — which is a partial apply (issue 9: found by tests/faults, an editor-style save
+        let a denied client through). A change is loaded only once the files stopped moving.
+        """
+        last: str | None = None
+        for _ in range(SETTLE_ROUNDS):
+            try:
+                digest = _digest(read_config_paths(self.paths))
+            except InputError:
+                digest = None
+            if digest is not None and digest == last:
+                return
+            last = digest
+            await asyncio.sleep(SETTLE_SECONDS)
+
     async def watch(self, on_config: OnConfig, on_error: OnError, stop: asyncio.Event | None = None) -> None:
         """Call `on_config(config, version)` for every good change, `on_error(err)` for a bad one."""
         async for _changes in watchfiles.awatch(*self.paths, debounce=200, step=50, stop_event=stop):
+            await self._settled()
             previous = self.current
             try:
                 loaded = self.load()
