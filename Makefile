@@ -14,6 +14,7 @@ bench: setup
 # Coverage-guided fuzzing (atheris) of every untrusted-input parser: SECONDS per target, TARGETS optional.
 fuzz:
 	SECONDS_PER_TARGET=$(or $(SECONDS),10) .venv/bin/python fuzz/run.py "$(TARGETS)"
-# Long form of the reliability suite (bigger counts, held longer): figures in $(ZT_RELIABILITY_FIGURES).
+# Long form of the reliability and fault suites (bigger counts, held longer; the seed soak for
+# ZT_SOAK_SECONDS, 600 by default): figures in $(ZT_RELIABILITY_FIGURES). SOAK_SUITES narrows it.
 soak:
-	ZT_SOAK=1 .venv/bin/pytest tests/reliability -p no:cacheprovider -rA
+	scripts/soak.sh

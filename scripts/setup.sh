@@ -3,7 +3,7 @@
 # Safe to run again: apt and pip skip what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SYSTEM_PACKAGES=(python3 python3-venv python3-pip iproute2 nftables openssl curl procps psmisc)
+SYSTEM_PACKAGES=(python3 python3-venv python3-pip iproute2 nftables openssl curl procps psmisc faketime)
 missing=()
 for p in "${SYSTEM_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ "${#missing[@]}" -gt 0 ]; then
