@@ -56,6 +56,20 @@ from zerotunnel.waypoint.telemetry import RequestRecord, RequestTelemetry
 log = logging.getLogger("zerotunnel.gateway")
 
 HANDSHAKE_TIMEOUT = 10.0
+ISTIO_DEFAULT_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    )
+)
+"""Istio's default gateway cipher suites for TLS 1.2 (ECDHE + AEAD only; OpenSSL's default list also
+offers CBC-SHA256/384 suites, which sslyze found, tests/reliability/test_gateway_abuse.py). TLS 1.3
+suites are AEAD by definition. A Gateway that lowers minProtocolVersion below 1.2 keeps OpenSSL's
+list: TLS 1.0/1.1 have no AEAD suite."""
 _VERSIONS = {
     "TLSV1_0": ssl.TLSVersion.TLSv1,
     "TLSV1_1": ssl.TLSVersion.TLSv1_1,
@@ -78,10 +92,12 @@ def _load_cert_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> No
 def server_context(plan: ServerPlan) -> ssl.SSLContext:
     """§7.1: min/max protocol version (default TLS 1.2), client certificate requested for MUTUAL
     (required) and OPTIONAL_MUTUAL (optional), verified against the whole `ca.crt` bundle; no session
-    tickets (security.md rule 5); ALPN h2 and http/1.1."""
+    tickets (security.md rule 5); ALPN h2 and http/1.1; AEAD suites only from TLS 1.2 on."""
     assert plan.tls is not None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = _VERSIONS.get(plan.min_version, ssl.TLSVersion.TLSv1_2)
+    if ctx.minimum_version >= ssl.TLSVersion.TLSv1_2:
+        ctx.set_ciphers(ISTIO_DEFAULT_CIPHERS)
     if plan.max_version in _VERSIONS:
         ctx.maximum_version = _VERSIONS[plan.max_version]
     ctx.options |= ssl.OP_NO_TICKET
