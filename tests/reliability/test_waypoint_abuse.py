@@ -291,6 +291,39 @@ async def test_h1_request_smuggling_never_reaches_the_backend(
     check_legit(out)
 
 
+@pytest.mark.parametrize(
+    ("target", "status", "served"),
+    [
+        (f"http://{HOST}/data", 200, "GET /data 200"),
+        (f"HTTP://{HOST}/other/../data?x=1", 200, "GET /data?x=1 200"),
+        (f"http://{HOST}/data/../admin", 403, None),
+        (f"http://user@{HOST}/data", 400, None),
+        (f"{HOST}/data", 400, None),
+        ("http:/data", 400, None),
+    ],
+)
+async def test_h1_absolute_form_is_origin_form_before_policy(
+    mesh: Any, target: str, status: int, served: str | None
+) -> None:
+    """Regression (test_bypass_e2e.py found it): `GET http://host/admin` was matched as the path
+    `http:/host/admin` and forwarded unchanged. RFC 9112 §3.2.2: path and host come from the target."""
+    async def go() -> bytes:
+        a = Attacker(mesh)
+        try:
+            channel = await a.tunnel()
+            await channel.send(f"GET {target} HTTP/1.1\r\nhost: wrong.example\r\n\r\n".encode())
+            return await asyncio.wait_for(channel.recv(), 5)
+        finally:
+            await a.close()
+
+    got = await run(go())
+    assert got.startswith(f"HTTP/1.1 {status}".encode()), got[:200]
+    if served is None:
+        assert smuggled(mesh) == [] and not mesh.app_requests, mesh.app_requests
+    else:
+        assert [line.rsplit(" ", 1)[0] for line in mesh.app_requests] == [served], mesh.app_requests
+
+
 def test_header_timeout_is_set() -> None:
     """Slowloris needs a bound on the time a request head may take (security.md §4 item 15)."""
     assert 0 < serve.HEADER_TIMEOUT <= 30

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 
@@ -107,6 +108,26 @@ async def serve_http(channel: ByteChannel, handler: Handler, *, scheme: str = "h
         await _serve_h1(channel, handler, first, scheme)
 
 
+_ABSOLUTE = re.compile(r"(?i)(https?)://([^/?#]*)(.*)", re.DOTALL)
+
+
+def _to_origin_form(request: HttpRequest) -> None:
+    """RFC 9112 §3.2.2: a server must accept the absolute-form target and then take the host from it,
+    not from `Host` (Envoy's `allow_absolute_url`). Policy and backend must see one path (security.md
+    §1a): `GET http://svc/admin` was matched as the path `http:/svc/admin` (no `/admin*` DENY hit)
+    and forwarded as is, for a backend to read as `/admin` (tests/reliability/test_bypass_e2e.py).
+    Any other target that is not origin-form (`OPTIONS *` aside) is a 400."""
+    target = request.target
+    if target.startswith("/") or (target == "*" and request.method == "OPTIONS"):
+        return
+    match = _ABSOLUTE.fullmatch(target)
+    if match is None or not match.group(2) or "@" in match.group(2):
+        raise HttpError(f"bad request: request target {target[:100]!r} is not origin-form", status=400)
+    rest = match.group(3)
+    request.target = rest if rest.startswith("/") else "/" + rest
+    request.headers = [("host", match.group(2)), *((k, v) for k, v in request.headers if k != "host")]
+
+
 # -- HTTP/1.1 -------------------------------------------------------------------------------------
 
 
@@ -152,6 +173,7 @@ async def _h1_next(conn: h11.Connection, channel: ByteChannel, scheme: str) -> H
             refusal = _upgrade_refusal(request)
             if refusal is not None:
                 raise HttpError(refusal.body.decode().strip(), status=refusal.status)
+            _to_origin_form(request)
         elif isinstance(event, h11.Data):
             size += len(event.data)
             if size > MAX_BODY_BYTES:
@@ -386,6 +408,9 @@ class _H2Session:
     async def _handle(self, sid: int, request: HttpRequest) -> None:
         try:
             refusal = _upgrade_refusal(request)
+            if refusal is None and not request.target.startswith("/") and request.target != "*":
+                # RFC 9113 §8.3.1: `:path` is origin-form (or `*`); anything else is malformed.
+                refusal = text_response(400, f"bad request: :path {request.target[:100]!r}\n")
             response = refusal if refusal is not None else await self.handler(request)
             await self._respond(sid, request, response)
         finally:
