@@ -9,10 +9,7 @@ CA (refreshed at half-life). SIGTERM stops accepting and closes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +23,13 @@ from zerotunnel.mesh.build import Addresses
 from zerotunnel.node import admin
 from zerotunnel.node.addresses import follow_addresses, read_addresses
 from zerotunnel.node.certs import CertificateError, CertificateManager, LocalCaClient
+from zerotunnel.node.process import (
+    cancel_all,
+    config_rejected,
+    parse_namespaced_name,
+    run_process,
+    stop_on_signals,
+)
 from zerotunnel.waypoint.telemetry import RequestTelemetry
 
 log = logging.getLogger("zerotunnel.gateway")
@@ -45,9 +49,7 @@ class GatewayOptions:
 def parse_gateway(value: str | None) -> str | None:
     if value is None:
         return None
-    ns, sep, name = value.partition("/")
-    if not sep or not ns or not name or "/" in name:
-        raise InputError(f"--gateway: expected NAMESPACE/NAME, got {value!r}")
+    parse_namespaced_name(value, flag="--gateway")
     return value
 
 
@@ -92,9 +94,6 @@ class GatewayRunner:
         self.config = config
         await self._apply()
 
-    async def _on_error(self, error: InputError) -> None:
-        log.error("configuration change rejected; the last good configuration stays in force: %s", error)
-
     async def _watch_addresses(self) -> None:
         async for addresses in follow_addresses(self.options.addresses, self.stop, lambda: self.addresses):
             self.addresses = addresses
@@ -113,8 +112,7 @@ class GatewayRunner:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop.set)
+        stop_on_signals(self.stop)
         try:
             credentials = await self.certs.acquire(self.identity)
         except CertificateError as exc:
@@ -133,7 +131,7 @@ class GatewayRunner:
         if self.options.readiness is not None:
             servers.append(await admin.serve(self._ready, *self.options.readiness))
         tasks = [
-            loop.create_task(self.source.watch(self._on_config, self._on_error, self.stop)),
+            loop.create_task(self.source.watch(self._on_config, config_rejected, self.stop)),
             loop.create_task(self._watch_addresses()),
         ]
         log.info(
@@ -146,20 +144,13 @@ class GatewayRunner:
             server.close()
         await self.gateway.close()
         await self.certs.close()
-        for task in tasks:
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all(tasks)
 
 
 def run(options: GatewayOptions) -> None:
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-
     async def main() -> None:
         await GatewayRunner(options).run()
 
     # Not uvloop: its TLS transport reports some refused client handshakes as a bare connection
     # reset, losing the reason the operator needs (unknown CA, expired); asyncio's reports them all.
-    asyncio.run(main())
+    run_process(main, use_uvloop=False)

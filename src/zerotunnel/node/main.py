@@ -15,10 +15,7 @@ drains gracefully: listeners stop, live connections get a grace period, then clo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +28,7 @@ from zerotunnel.node.accesslog import AccessLog
 from zerotunnel.node.addresses import follow_addresses, read_addresses
 from zerotunnel.node.certs import CertificateManager, LocalCaClient
 from zerotunnel.node.podapi import serve_pod_api
+from zerotunnel.node.process import cancel_all, config_rejected, run_process, stop_on_signals
 from zerotunnel.node.proxy import NodeProxy
 
 log = logging.getLogger("zerotunnel.node")
@@ -87,7 +85,7 @@ class NodeRunner:
             )
             self.proxy = NodeProxy(options.node, self.certs, access_log=self.access)
             self._apply()
-            return [loop.create_task(self.source.watch(self._on_config, self._on_error, self.stop))]
+            return [loop.create_task(self.source.watch(self._on_config, config_rejected, self.stop))]
         state_dir = options.state_dir or Path(f"/var/lib/zerotunnel/node-{options.node}")
         ca_root = options.ca_root.read_bytes() if options.ca_root is not None else None
         await ensure_node_identity(options.control, state_dir, token=options.join_token, ca_root_pem=ca_root)
@@ -115,9 +113,6 @@ class NodeRunner:
         self.config = config
         self._apply()
 
-    async def _on_error(self, error: InputError) -> None:
-        log.error("configuration change rejected; the last good configuration stays in force: %s", error)
-
     async def _watch_addresses(self) -> None:
         async for addresses in follow_addresses(self.options.addresses, self.stop, lambda: self.addresses):
             self.addresses = addresses
@@ -125,8 +120,7 @@ class NodeRunner:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop.set)
+        stop_on_signals(self.stop)
         tasks = await self.start()
         tasks.append(loop.create_task(self._watch_addresses()))
         endpoints = admin.AdminEndpoints(self.proxy, self.stop.set)
@@ -147,23 +141,11 @@ class NodeRunner:
         await self.proxy.close(self.options.drain_seconds)
         if self.ca_client is not None:
             await self.ca_client.close()
-        for task in tasks:
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all(tasks)
 
 
 def run(options: NodeOptions) -> None:
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-
     async def main() -> None:
         await NodeRunner(options).run()
 
-    try:
-        import uvloop
-    except ImportError:  # uvloop is optional (DESIGN.md §5)
-        asyncio.run(main())
-    else:
-        uvloop.run(main())
+    run_process(main)

@@ -10,10 +10,7 @@ with each configuration. SIGTERM drains (security.md rule 19).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
-import sys
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +24,13 @@ from zerotunnel.node import admin
 from zerotunnel.node.accesslog import AccessLog
 from zerotunnel.node.addresses import follow_addresses, read_addresses
 from zerotunnel.node.certs import CertificateError, CertificateManager, LocalCaClient
+from zerotunnel.node.process import (
+    cancel_all,
+    config_rejected,
+    parse_namespaced_name,
+    run_process,
+    stop_on_signals,
+)
 from zerotunnel.waypoint.proxy import Waypoint, waypoint_identity
 from zerotunnel.waypoint.telemetry import RequestTelemetry
 
@@ -48,10 +52,7 @@ class WaypointOptions:
 
 
 def parse_gateway(value: str) -> WaypointRef:
-    ns, sep, name = value.partition("/")
-    if not sep or not ns or not name or "/" in name:
-        raise InputError(f"--gateway: expected NAMESPACE/NAME, got {value!r}")
-    return WaypointRef(ns, name)
+    return WaypointRef(*parse_namespaced_name(value, flag="--gateway"))
 
 
 def jwks_uris(config: Config) -> set[str]:
@@ -116,9 +117,6 @@ class WaypointRunner:
         self.config = config
         await self._apply()
 
-    async def _on_error(self, error: InputError) -> None:
-        log.error("configuration change rejected; the last good configuration stays in force: %s", error)
-
     async def _watch_addresses(self) -> None:
         async for addresses in follow_addresses(self.options.addresses, self.stop, lambda: self.addresses):
             self.addresses = addresses
@@ -142,8 +140,7 @@ class WaypointRunner:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop.set)
+        stop_on_signals(self.stop)
         identity = waypoint_identity(self.config, self.options.gateway)
         try:
             credentials = await self.certs.acquire(identity)
@@ -162,7 +159,7 @@ class WaypointRunner:
         if self.options.readiness is not None:
             servers.append(await admin.serve(self._ready, *self.options.readiness))
         tasks = [
-            loop.create_task(self.source.watch(self._on_config, self._on_error, self.stop)),
+            loop.create_task(self.source.watch(self._on_config, config_rejected, self.stop)),
             loop.create_task(self._watch_addresses()),
         ]
         log.info(
@@ -173,23 +170,11 @@ class WaypointRunner:
             server.close()
         await self.waypoint.close(self.options.drain_seconds)
         await self.certs.close()
-        for task in tasks:
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all(tasks)
 
 
 def run(options: WaypointOptions) -> None:
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-
     async def main() -> None:
         await WaypointRunner(options).run()
 
-    try:
-        import uvloop
-    except ImportError:  # uvloop is optional (DESIGN.md §5)
-        asyncio.run(main())
-    else:
-        uvloop.run(main())
+    run_process(main)
