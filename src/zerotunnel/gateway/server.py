@@ -8,6 +8,15 @@ are routed with the VirtualServices bound to the Gateway, their path normalized 
 says, headers sanitized and XFCC set (SANITIZE_SET, §7.3), and forwarded over HBONE with the
 gateway's **own** mesh identity — through the destination service's waypoint when it has one
 (`mesh.routing.plan_outbound`, §2.4).
+
+The TLS front is hardened as security.md §3 asks of every listener: TLS runs on the gateway's own
+memory BIO (tls.py) so a refused handshake sends its alert (TLS 1.3 `certificate_required` to a client
+without a certificate, as Envoy does); the whole handshake must finish within `handshake_timeout`;
+each listener caps its open connections and its pending handshakes. When the pending-handshake cap is
+reached the *oldest* pending handshake is dropped for the new one, not the new one refused: a real
+client's handshake lasts milliseconds, a flood's silent or dripping sockets last until the timeout,
+so the flood evicts itself and cannot starve real clients (the cap alone would lock them out until
+the flood's sockets time out).
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from zerotunnel.gateway.config import (
     route_request,
     selected_gateways,
 )
+from zerotunnel.gateway.tls import HandshakeFailed, TlsChannel
 from zerotunnel.identity.spiffe import SpiffeId
 from zerotunnel.mesh.build import Addresses, build_mesh
 from zerotunnel.mesh.model import MeshState, Workload
@@ -56,6 +66,12 @@ from zerotunnel.waypoint.telemetry import RequestRecord, RequestTelemetry
 log = logging.getLogger("zerotunnel.gateway")
 
 HANDSHAKE_TIMEOUT = 10.0
+"""security.md §3 "handshake/connect 10 s" (ghostunnel)."""
+MAX_CONNECTIONS = 4096
+"""Per listener, as the node proxy's 15008 (security.md §3 "connection limits"; Envoy's listener
+limit, ghostunnel's `--max-concurrent-conns`)."""
+MAX_PENDING_HANDSHAKES = 256
+"""Per listener: unauthenticated sockets still in their TLS handshake (security.md §4 item 15)."""
 ISTIO_DEFAULT_CIPHERS = ":".join(
     (
         "ECDHE-ECDSA-AES256-GCM-SHA384",
@@ -134,8 +150,10 @@ class PortState:
             return
         # OpenSSL keeps the first context's verify mode across the SNI switch (the CA store does
         # follow): request a certificate whenever any server here wants one; MUTUAL's "required" is
-        # then enforced after the handshake.
-        if any(p.mode in ("MUTUAL", "OPTIONAL_MUTUAL") for p in self.plans):
+        # then enforced after the handshake — unless every server here is MUTUAL, when it stays
+        # in the handshake (and a client without a certificate gets the certificate_required alert).
+        modes = {self.plans[i].mode for i in self.contexts}
+        if modes & {"MUTUAL", "OPTIONAL_MUTUAL"} and modes != {"MUTUAL"}:
             self.contexts[next(iter(self.contexts))].verify_mode = ssl.CERT_OPTIONAL
 
         def pick(obj: ssl.SSLObject, sni: str | None, _ctx: ssl.SSLContext) -> None:
@@ -144,6 +162,18 @@ class PortState:
             obj.context = self.contexts[i]
 
         self.contexts[next(iter(self.contexts))].sni_callback = pick
+
+
+@dataclass(slots=True)
+class ListenerLoad:
+    """One listener's open sockets and pending handshakes (oldest first)."""
+
+    open: int = 0
+    pending: dict[asyncio.StreamWriter, float] = field(default_factory=dict)
+    evicted: set[asyncio.StreamWriter] = field(default_factory=set)
+    refused: int = 0
+    evictions: int = 0
+    peak_pending: int = 0
 
 
 class IngressGateway:
@@ -158,9 +188,16 @@ class IngressGateway:
         clock: Callable[[], datetime] | None = None,
         mark: bool = True,
         cluster: str = "Kubernetes",
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+        max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
     ) -> None:
         self.credentials = credentials
         self.gateway = gateway
+        self.handshake_timeout = handshake_timeout
+        self.max_connections = max_connections
+        self.max_pending_handshakes = max_pending_handshakes
+        self.load: dict[int, ListenerLoad] = {}
         self.listen_host = listen_host
         self.telemetry = telemetry or RequestTelemetry("source")
         self.metrics = metrics or ProxyMetrics()
@@ -251,15 +288,48 @@ class IngressGateway:
         await self.pool.close()
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, port: int) -> None:
-        task = asyncio.get_running_loop().create_task(self._connection(reader, writer, port))
+        load = self.load.setdefault(port, ListenerLoad())
+        if not self._admit(load):
+            load.refused += 1
+            self.metrics.handshake_failed("inbound", "overload")
+            writer.transport.abort()
+            return
+        load.open += 1
+        task = asyncio.get_running_loop().create_task(self._connection(reader, writer, port, load))
         self._conns.add(task)
         task.add_done_callback(self._conns.discard)
+
+    def _admit(self, load: ListenerLoad) -> bool:
+        """Room for one more socket: evict the oldest pending handshake when the pending cap (or the
+        connection cap) is reached; refuse only when every open socket is past its handshake.
+        Refusals and evictions are counted in the metrics, not logged: a flood must not become a
+        log flood."""
+        while load.pending and (
+            len(load.pending) >= self.max_pending_handshakes or load.open >= self.max_connections
+        ):
+            oldest = next(iter(load.pending))
+            del load.pending[oldest]
+            load.evicted.add(oldest)
+            load.evictions += 1
+            self.metrics.handshake_failed("inbound", "evicted")
+            oldest.transport.abort()
+        return load.open < self.max_connections and len(load.pending) < self.max_pending_handshakes
 
     def _event(self, message: str, **fields: object) -> None:
         self.telemetry.event(message, {k: v for k, v in fields.items() if v is not None})
 
     async def _connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int, load: ListenerLoad
+    ) -> None:
+        try:
+            await self._serve_connection(reader, writer, port, load)
+        finally:
+            load.open -= 1
+            load.pending.pop(writer, None)
+            load.evicted.discard(writer)
+
+    async def _serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int, load: ListenerLoad
     ) -> None:
         peer = writer.get_extra_info("peername")
         src = f"{peer[0]}:{peer[1]}" if peer else None
@@ -269,12 +339,19 @@ class IngressGateway:
             return
         index = 0
         client: ClientCert | None = None
+        channel: TcpChannel | TlsChannel
         try:
             if state.contexts:
-                index, client = await self._handshake(writer, state, src)
+                load.pending[writer] = time.monotonic()
+                load.peak_pending = max(load.peak_pending, len(load.pending))
+                try:
+                    channel, index, client = await self._handshake(reader, writer, state, src, load)
+                finally:
+                    load.pending.pop(writer, None)
+            else:
+                channel = TcpChannel(reader, writer)
             plan = state.plans[index]
             scheme = "https" if plan.tls is not None else "http"
-            channel = TcpChannel(reader, writer)
 
             async def handler(request: HttpRequest) -> HttpResponse:
                 return await self.handle(plan, client, src, request)
@@ -292,48 +369,50 @@ class IngressGateway:
                 writer.close()
 
     async def _handshake(
-        self, writer: asyncio.StreamWriter, state: PortState, src: str | None
-    ) -> tuple[int, ClientCert | None]:
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        state: PortState,
+        src: str | None,
+        load: ListenerLoad,
+    ) -> tuple[TlsChannel, int, ClientCert | None]:
         base_index = next(iter(state.contexts))
-        base = state.contexts[base_index]
+        channel = TlsChannel(reader, writer, state.contexts[base_index])
         try:
-            await writer.start_tls(base, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
-        except ssl.SSLCertVerificationError as exc:
+            await channel.handshake(self.handshake_timeout)
+        except HandshakeFailed as exc:
+            state.chosen.pop(id(channel.ssl_object), None)
+            if writer in load.evicted:  # counted in the metrics by `_admit`
+                raise _Refused from None
+            if exc.verify_message is not None:
+                error = f"client certificate refused: {exc.verify_message}"
+            elif exc.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+                error = "tls handshake failed: client certificate required (the client presented none)"
+            else:
+                error = f"tls handshake failed: {exc.reason}"
+            self.metrics.handshake_failed("inbound", exc.reason.lower())
             self._event(
                 "tls handshake failed",
-                **{
-                    "src.addr": src,
-                    "error": f"client certificate refused: {exc.verify_message}",
-                    "response_flags": "TLS_FAILURE",
-                },
+                **{"src.addr": src, "error": error, "response_flags": "TLS_FAILURE",
+                   "tls.alert_sent": exc.alert},
             )
+            if exc.alert:
+                await channel.refuse()
             raise _Refused from None
-        except (ssl.SSLError, OSError, TimeoutError) as exc:
-            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-            if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
-                reason = "client certificate required (the client presented none)"
-            self._event(
-                "tls handshake failed",
-                **{
-                    "src.addr": src,
-                    "error": f"tls handshake failed: {reason}",
-                    "response_flags": "TLS_FAILURE",
-                },
-            )
-            raise _Refused from None
-        ssl_object = writer.get_extra_info("ssl_object")
+        ssl_object = channel.ssl_object
         index = state.chosen.pop(id(ssl_object), base_index)
         plan = state.plans[index]
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        der = ssl_object.getpeercert(binary_form=True)
         if plan.mode == "SIMPLE":
-            return index, None
+            return channel, index, None
         if der is None:
             if plan.mode == "MUTUAL":
                 self._event(
                     "tls handshake failed", **{"src.addr": src, "error": "client certificate required"}
                 )
+                channel.send_eof()
                 raise _Refused
-            return index, None
+            return channel, index, None
         assert plan.tls is not None and plan.tls.ca_pem is not None
         try:
             client = verify_client_cert(
@@ -344,8 +423,9 @@ class IngressGateway:
                 "client certificate refused",
                 **{"src.addr": src, "error": exc.message, "response_flags": "TLS_FAILURE"},
             )
+            channel.send_eof()
             raise _Refused from None
-        return index, client
+        return channel, index, client
 
     # -- requests ---------------------------------------------------------------------------------
 
