@@ -148,3 +148,21 @@ def test_no_gateway_in_config_is_one_line_exit_2(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "error: the configuration has no networking.istio.io Gateway"
+
+
+def test_listener_bounds_have_documented_defaults() -> None:
+    """security.md §3: handshake timeout and per-listener caps are set by default, shown in --help and
+    reach the options (and from there `IngressGateway`)."""
+    from click.testing import CliRunner
+
+    from zerotunnel.cli.gateway import gateway
+    from zerotunnel.gateway import main as gateway_main
+
+    text = " ".join(CliRunner().invoke(gateway, ["--help"]).output.split())
+    assert "--handshake-timeout FLOAT RANGE" in text and "[default: 10.0; x>=0.1]" in text
+    assert "--max-connections" in text and "[default: 4096; x>=1]" in text
+    assert "--max-pending-handshakes" in text and "[default: 256; x>=1]" in text
+    options = gateway_main.GatewayOptions(config_paths=(), ca_dir=Path("."))
+    assert (options.handshake_timeout, options.max_connections, options.max_pending_handshakes) == (
+        10.0, 4096, 256
+    )

@@ -185,3 +185,15 @@ def test_missing_ca_dir_is_one_line_exit_2(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: --ca-dir {tmp_path / 'none'}: no such CA directory"
+
+
+def test_listener_bounds_have_documented_defaults() -> None:
+    """The 15008 listener's bounds (security.md §3) are shown in --help and reach the `HboneServer`."""
+    from click.testing import CliRunner
+
+    from zerotunnel.cli.waypoint import waypoint
+
+    text = " ".join(CliRunner().invoke(waypoint, ["--help"]).output.split())
+    assert "--handshake-timeout FLOAT RANGE" in text and "[default: 10.0; x>=0.1]" in text
+    assert "--max-connections" in text and "[default: 4096; x>=1]" in text
+    assert "--max-pending-handshakes" in text and "[default: 256; x>=1]" in text

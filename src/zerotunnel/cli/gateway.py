@@ -49,6 +49,29 @@ import click
     show_default=True,
     help="Readiness probe (/healthz/ready); 'off' disables.",
 )
+@click.option(
+    "--handshake-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds a client has to complete its TLS handshake (the whole handshake, not idle time).",
+)
+@click.option(
+    "--max-connections",
+    default=4096,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Open connections per listener; beyond it the oldest pending handshake is dropped, or, "
+    "when none is pending, the new socket is reset.",
+)
+@click.option(
+    "--max-pending-handshakes",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Sockets per listener still in their TLS handshake (unauthenticated); at the cap the "
+    "oldest pending one is dropped.",
+)
 def gateway(
     paths: tuple[Path, ...],
     ca_dir: Path,
@@ -57,6 +80,9 @@ def gateway(
     listen_host: str,
     metrics_addr: str,
     ready_addr: str,
+    handshake_timeout: float,
+    max_connections: int,
+    max_pending_handshakes: int,
 ) -> None:
     """Run the ingress gateway: TLS/mTLS from outside clients (several external CAs, CRL, SAN
     allow-list), routing by host and path into the mesh over HBONE with XFCC.
@@ -75,5 +101,8 @@ def gateway(
             listen_host=listen_host,
             metrics=None if metrics_addr == "off" else admin.parse_listen(metrics_addr, what="--metrics"),
             readiness=None if ready_addr == "off" else admin.parse_listen(ready_addr, what="--readiness"),
+            handshake_timeout=handshake_timeout,
+            max_connections=max_connections,
+            max_pending_handshakes=max_pending_handshakes,
         )
     )

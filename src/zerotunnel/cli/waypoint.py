@@ -50,6 +50,28 @@ import click
     help="Readiness probe (/healthz/ready); 'off' disables.",
 )
 @click.option("--drain", default=5.0, show_default=True, help="Seconds live tunnels get on SIGTERM.")
+@click.option(
+    "--handshake-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds a client has to complete its TLS handshake (the whole handshake, not idle time).",
+)
+@click.option(
+    "--max-connections",
+    default=4096,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Open connections per listener; beyond it new sockets are reset at accept.",
+)
+@click.option(
+    "--max-pending-handshakes",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Sockets per listener still in their TLS handshake (unauthenticated); beyond it new "
+    "sockets are reset.",
+)
 def waypoint(
     gateway: str,
     paths: tuple[Path, ...],
@@ -59,6 +81,9 @@ def waypoint(
     metrics_addr: str,
     ready_addr: str,
     drain: float,
+    handshake_timeout: float,
+    max_connections: int,
+    max_pending_handshakes: int,
 ) -> None:
     """Run a waypoint: terminate HBONE, parse HTTP/1.1 and HTTP/2, enforce L7 AuthorizationPolicy and
     RequestAuthentication, forward over HBONE with the waypoint's own identity.
@@ -78,5 +103,8 @@ def waypoint(
             metrics=None if metrics_addr == "off" else admin.parse_listen(metrics_addr, what="--metrics"),
             readiness=None if ready_addr == "off" else admin.parse_listen(ready_addr, what="--readiness"),
             drain_seconds=drain,
+            handshake_timeout=handshake_timeout,
+            max_connections=max_connections,
+            max_pending_handshakes=max_pending_handshakes,
         )
     )

@@ -17,7 +17,12 @@ from zerotunnel.config import Config
 from zerotunnel.control.watch import FileConfigSource
 from zerotunnel.errors import InputError
 from zerotunnel.gateway.config import gateway_identity, selected_gateways
-from zerotunnel.gateway.server import IngressGateway
+from zerotunnel.gateway.server import (
+    HANDSHAKE_TIMEOUT,
+    MAX_CONNECTIONS,
+    MAX_PENDING_HANDSHAKES,
+    IngressGateway,
+)
 from zerotunnel.identity.spiffe import SpiffeId
 from zerotunnel.mesh.build import Addresses
 from zerotunnel.node import admin
@@ -44,6 +49,9 @@ class GatewayOptions:
     listen_host: str = "0.0.0.0"  # noqa: S104 - the ingress gateway serves outside clients
     metrics: tuple[str, int] | None = ("0.0.0.0", 15020)  # noqa: S104 - Prometheus scrapes from outside
     readiness: tuple[str, int] | None = ("0.0.0.0", 15021)  # noqa: S104 - probed from outside
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
+    max_pending_handshakes: int = MAX_PENDING_HANDSHAKES
 
 
 def parse_gateway(value: str | None) -> str | None:
@@ -122,6 +130,9 @@ class GatewayRunner:
             gateway=self.options.gateway,
             listen_host=self.options.listen_host,
             telemetry=self.telemetry,
+            handshake_timeout=self.options.handshake_timeout,
+            max_connections=self.options.max_connections,
+            max_pending_handshakes=self.options.max_pending_handshakes,
         )
         self.certs.on_update(self.gateway.update_credentials)
         await self._apply()

@@ -49,6 +49,9 @@ class WaypointOptions:
     metrics: tuple[str, int] | None = ("0.0.0.0", 15020)  # noqa: S104 - Prometheus scrapes from outside
     readiness: tuple[str, int] | None = ("0.0.0.0", 15021)  # noqa: S104 - probed from outside
     drain_seconds: float = 5.0
+    handshake_timeout: float = 10.0
+    max_connections: int = 4096
+    max_pending_handshakes: int = 256
 
 
 def parse_gateway(value: str) -> WaypointRef:
@@ -148,7 +151,13 @@ class WaypointRunner:
             raise InputError(f"cannot obtain a certificate for {identity}: {exc.message}") from None
         access = AccessLog(sink=lambda line: print(line, flush=True))
         self.waypoint = Waypoint(
-            self.options.gateway, credentials, telemetry=self.telemetry, access_log=access
+            self.options.gateway,
+            credentials,
+            telemetry=self.telemetry,
+            access_log=access,
+            handshake_timeout=self.options.handshake_timeout,
+            max_connections=self.options.max_connections,
+            max_pending_handshakes=self.options.max_pending_handshakes,
         )
         self.certs.on_update(self.waypoint.update_credentials)
         await self._apply()

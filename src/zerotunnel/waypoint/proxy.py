@@ -167,7 +167,12 @@ class Waypoint:
         jwks_by_uri: Mapping[str, str] | None = None,
         mark: bool = True,
         cluster: str = "Kubernetes",
+        handshake_timeout: float = 10.0,
+        max_connections: int = 4096,
+        max_pending_handshakes: int = 256,
     ) -> None:
+        """`handshake_timeout`, `max_connections`, `max_pending_handshakes`: the 15008 listener's
+        bounds (security.md §3; `HboneServer`'s, the node proxy's defaults)."""
         self.ref = ref
         self.credentials = credentials
         self.telemetry = telemetry or RequestTelemetry("waypoint")
@@ -185,6 +190,9 @@ class Waypoint:
             metrics=self.metrics,
             access_log=access_log,
             waypoint=True,
+            handshake_timeout=handshake_timeout,
+            max_connections=max_connections,
+            max_pending_handshakes=max_pending_handshakes,
         )
 
     @property
