@@ -55,6 +55,7 @@ log = logging.getLogger("zerotunnel.node")
 
 POLICY_REJECTION = "connection closed due to policy rejection: "
 POLICY_CHANGE = "connection closed due to policy change"
+DRAIN = "connection closed due to connection drain"
 BIND_ALL = "0.0.0.0"  # noqa: S104 - in-pod listeners bind inside the pod's own network namespace
 
 
@@ -103,6 +104,7 @@ class PodProxy:
     plaintext: set[_PlainConnection] = field(default_factory=set)
     outbound: set[TcpRelay] = field(default_factory=set)
     _pick: itertools.count[int] = field(default_factory=itertools.count)
+    _hbone_closing: asyncio.Task[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -127,22 +129,52 @@ class PodProxy:
         self.servers.append(await loop.create_server(self._outbound_protocol, sock=out_sock, backlog=1024))
         self.servers.append(await loop.create_server(self._plaintext_protocol, sock=in_sock, backlog=1024))
 
-    async def close(self, grace: float = 5.0) -> None:
+    def live_connections(self) -> int:
+        """Connections carrying an app's data now: inbound tunnels (15008), plaintext inbound (15006)
+        and outbound (15001, tunneled or passed through)."""
+        hbone = len(self.hbone.live) if self.hbone is not None else 0
+        return hbone + len(self.plaintext) + len(self.outbound)
+
+    async def stop_accepting(self, grace: float) -> None:
+        """The first step of a drain, on its own so that the node can report "listeners closed" only
+        once it is true: 15001/15006 close here, 15008 in the first step of `HboneServer.close`, which
+        runs before this returns (the task is scheduled first, and asyncio runs ready tasks in order)."""
+        if self._hbone_closing is not None:
+            return
         for server in self.servers:
             server.close()
+        loop = asyncio.get_running_loop()
+        self._hbone_closing = loop.create_task(self.hbone.close(grace)) if self.hbone is not None else None
+        await asyncio.sleep(0)
+
+    async def close(self, grace: float = 5.0) -> tuple[int, int]:
+        """Drain (security.md rule 19 and §2a "Lifecycle", ztunnel's connection termination deadline):
+        every listener stops at once (a new connection is refused by the kernel, a new CONNECT on a
+        pooled HBONE connection gets 503), the connections already carrying data in *both* directions
+        get `grace` seconds to finish, and only those still open at the deadline are closed with
+        `connection closed due to connection drain`. Returns (finished, cut)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        await self.stop_accepting(grace)
+        at_start = self.live_connections()
+        hbone = self._hbone_closing
         if self.workload_api is not None:
             await self.workload_api.close()
-        if self.hbone is not None:
-            await self.hbone.close(grace)
+        while self.live_connections() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        cut = self.live_connections()
         for conn in list(self.plaintext):
-            conn.relay.close("connection closed due to connection drain")
+            conn.relay.close(DRAIN)
         for relay in list(self.outbound):
-            relay.close("connection closed due to connection drain")
+            relay.close(DRAIN)
+        if hbone is not None:
+            await hbone
         if self.pool is not None:
             await self.pool.close()
         for server in self.servers:
             await server.wait_closed()
         self.netns.close()
+        return max(at_start - cut, 0), cut
 
     def update_credentials(self, credentials: WorkloadCredentials) -> None:
         self.credentials = credentials
@@ -435,6 +467,9 @@ class NodeProxy:
         self.snapshot: Snapshot | None = None
         self.pods: dict[str, PodProxy] = {}
         self.started = datetime.now(UTC)
+        self.drained = 0
+        """Connections that finished inside a drain period (pod removal or shutdown), and those cut."""
+        self.cut = 0
         certs.on_update(self._credentials_updated)
 
     # -- configuration --------------------------------------------------------------------------
@@ -503,14 +538,27 @@ class NodeProxy:
         pod = self.pods.pop(uid, None)
         if pod is None:
             return False
-        await pod.close(grace)
+        finished, cut = await pod.close(grace)
+        self.drained += finished
+        self.cut += cut
         self.certs.release(pod.identity)
-        log.info("pod %s removed", uid)
+        log.info("pod %s removed (%d connection(s) finished, %d cut)", uid, finished, cut)
         return True
 
-    async def close(self, grace: float = 5.0) -> None:
+    async def close(self, grace: float = 5.0) -> tuple[int, int]:
+        """Drain every pod at once (one deadline for the node, not one per pod); returns and logs how
+        many live connections finished inside the drain period and how many were cut at its end."""
+        started = asyncio.get_running_loop().time()
+        before = self.drained, self.cut
+        await asyncio.gather(*(pod.stop_accepting(grace) for pod in self.pods.values()))
+        log.info("listeners closed; draining %d live connection(s) for up to %gs",
+                 sum(pod.live_connections() for pod in self.pods.values()), grace)
         await asyncio.gather(*(self.remove_pod(uid, grace) for uid in list(self.pods)))
         await self.certs.close()
+        finished, cut = self.drained - before[0], self.cut - before[1]
+        log.info("drain complete after %.1fs: %d connection(s) finished, %d cut at the %gs deadline",
+                 asyncio.get_running_loop().time() - started, finished, cut, grace)
+        return finished, cut
 
     def _credentials_updated(self, credentials: WorkloadCredentials) -> None:
         for pod in self.pods.values():
