@@ -31,6 +31,7 @@ import pytest
 import pytest_asyncio
 from hyperframe.frame import (
     ContinuationFrame,
+    DataFrame,
     Frame,
     GoAwayFrame,
     HeadersFrame,
@@ -498,3 +499,269 @@ async def test_h2_abuser_is_cut_off(
     if scenario == "ping_flood":
         assert attack_out["pings_acked"] <= serve.CONTROL_BURST + 50, out
     check_legit(out)
+
+
+# -- slow clients: HTTP/2 slowloris, slow and idle bodies, zero-window streams (issue 9) -------------
+
+SLOW_TIMEOUT = 2.0
+"""HEADER_TIMEOUT, STREAM_IDLE_TIMEOUT and BODY_RATE_GRACE in these tests (10 s, 60 s, 5 s in
+production)."""
+
+
+@pytest.fixture
+def short_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serve, "HEADER_TIMEOUT", SLOW_TIMEOUT)
+    monkeypatch.setattr(serve, "STREAM_IDLE_TIMEOUT", SLOW_TIMEOUT)
+    monkeypatch.setattr(serve, "BODY_RATE_GRACE", SLOW_TIMEOUT)
+
+
+async def drip(channel: StreamChannel, prefix: bytes, pieces: list[bytes], interval: float,
+               limit: float = 15.0) -> dict[str, Any]:
+    """Send `prefix`, then one piece every `interval` s until the waypoint closes the tunnel or
+    answers; what came back, parsed as HTTP/2 frames, and when."""
+    t0 = time.monotonic()
+    reader = asyncio.create_task(read_until_cut(channel, limit))
+    await send_quietly(channel, prefix)
+    dripped = 0
+    for piece in pieces:
+        await asyncio.wait([reader], timeout=interval)
+        if reader.done():
+            break
+        with contextlib.suppress(ConnectionError):
+            await channel.send(piece)
+            dripped += 1
+    got, closed, _ = await reader
+    frames = parse_frames(got)
+    goaway = next((f for f in frames if isinstance(f, GoAwayFrame)), None)
+    decoder = hpack.Decoder()
+    statuses = []
+    for f in frames:
+        if isinstance(f, HeadersFrame):
+            statuses += [v.decode() if isinstance(v, bytes) else v for k, v in decoder.decode(f.data)
+                         if k in (":status", b":status")]
+    return {"closed": closed, "cut_after_s": round(time.monotonic() - t0, 2), "dripped": dripped,
+            "goaway": None if goaway is None else int(goaway.error_code), "statuses": statuses,
+            "resets": sorted({int(f.error_code) for f in frames if isinstance(f, RstStreamFrame)})}
+
+
+async def read_until_cut(channel: StreamChannel, limit: float) -> tuple[bytes, bool, float]:
+    """Like `read_all`, but also done at the first RST_STREAM (a stream cut, the connection kept)."""
+    t0 = time.monotonic()
+    out = bytearray()
+    while (remaining := limit - (time.monotonic() - t0)) > 0:
+        try:
+            chunk = await asyncio.wait_for(channel.recv(), remaining)
+        except TimeoutError:
+            break
+        except ConnectionError:
+            return bytes(out), True, time.monotonic() - t0
+        if not chunk:
+            return bytes(out), True, time.monotonic() - t0
+        out += chunk
+        if any(isinstance(f, RstStreamFrame) for f in parse_frames(bytes(out))):
+            break
+    return bytes(out), False, time.monotonic() - t0
+
+
+def _one_byte_frames(frame: bytes) -> list[bytes]:
+    return [frame[i : i + 1] for i in range(len(frame))]
+
+
+def slow_h2(scenario: str) -> tuple[bytes, list[bytes], float]:
+    """(prefix, pieces dripped afterwards, interval) of one slow HTTP/2 client."""
+    enc = hpack.Encoder()
+    start = PREFACE + SettingsFrame(0).serialize()
+    if scenario == "continuation-drip":
+        # HEADERS without END_HEADERS, then a 1-byte CONTINUATION every 0.25 s: h2 would wait for
+        # its 64-frame backlog (16 s here, forever with frames of 0 bytes sent slower).
+        block = _block(enc, extra=[("x-slow", "s" * 200)])
+        pieces = [ContinuationFrame(1, block[i : i + 1]).serialize() for i in range(3, 200)]
+        return start + HeadersFrame(1, block[:3]).serialize(), pieces, 0.25
+    if scenario == "headers-frame-drip":
+        frame = HeadersFrame(1, _block(enc), flags=["END_HEADERS", "END_STREAM"]).serialize()
+        return start, _one_byte_frames(frame), 0.25
+    if scenario == "body-1B-per-0.25s":
+        head = HeadersFrame(1, _block(enc, "POST", extra=[("content-length", "400")]),
+                            flags=["END_HEADERS"]).serialize()
+        return start + head, [DataFrame(1, b"x").serialize() for _ in range(400)], 0.25
+    if scenario == "body-idle":
+        # 2,000 bytes at once (the rate rule alone would allow 8 s), then nothing
+        head = HeadersFrame(1, _block(enc, "POST", extra=[("content-length", "4000")]),
+                            flags=["END_HEADERS"]).serialize()
+        return start + head + DataFrame(1, b"x" * 2000).serialize(), [b""] * 60, 0.25
+    if scenario == "data-frame-drip":
+        # one DATA frame announced at 400 bytes, its payload a byte at a time: h2 says nothing
+        # until the frame completes, the body clock sees no byte at all
+        head = HeadersFrame(1, _block(enc, "POST", extra=[("content-length", "400")]),
+                            flags=["END_HEADERS"]).serialize()
+        frame = DataFrame(1, b"x" * 400, flags=["END_STREAM"]).serialize()
+        return start + head + frame[:9], _one_byte_frames(frame[9:]), 0.25
+    raise AssertionError(scenario)
+
+
+SLOW_H2 = [
+    # scenario, expected GOAWAY code (None: the connection stays), expected status on stream 1
+    pytest.param("continuation-drip", ENHANCE_YOUR_CALM, None, id="continuation-drip"),
+    pytest.param("headers-frame-drip", ENHANCE_YOUR_CALM, None, id="headers-frame-drip"),
+    pytest.param("body-1B-per-0.25s", None, "408", id="body-1B-per-0.25s"),
+    pytest.param("body-idle", None, "408", id="body-idle"),
+    pytest.param("data-frame-drip", None, "408", id="data-frame-drip"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("scenario", "goaway", "status"), SLOW_H2)
+async def test_h2_slow_clients_are_cut_off(
+    mesh: Any, figures: Any, short_timeouts: None, scenario: str, goaway: int | None, status: str | None
+) -> None:
+    """10 tunnels each drip one slow HTTP/2 request. A header block (or any non-DATA frame) not
+    complete within HEADER_TIMEOUT: GOAWAY ENHANCE_YOUR_CALM and close. A body idle for
+    STREAM_IDLE_TIMEOUT, or under 240 B/s after the grace period: 408 and RST_STREAM NO_ERROR on
+    that stream. Either way at the timeout, never after the whole request was dripped, nothing
+    reaches app-a, and app-b's honest requests keep succeeding."""
+    prefix, pieces, interval = slow_h2(scenario)
+
+    async def one(a: Attacker) -> dict[str, Any]:
+        return await drip(await a.tunnel(), prefix, pieces, interval)
+
+    async def attack(a: Attacker) -> dict[str, Any]:
+        results = await asyncio.gather(*(one(a) for _ in range(10)))
+        return {"tunnels": len(results), "goaways": sorted({str(r["goaway"]) for r in results}),
+                "statuses": sorted({",".join(r["statuses"]) for r in results}),
+                "resets": sorted({str(r["resets"]) for r in results}),
+                "all_closed": all(r["closed"] for r in results),
+                "max_cut_after_s": max(r["cut_after_s"] for r in results),
+                "max_pieces_dripped": max(r["dripped"] for r in results), "pieces": len(pieces)}
+
+    before = len(mesh.app_requests)
+    out = await run(under_attack(mesh, attack))
+    figures(target="waypoint", scenario=f"h2-{scenario}", timeout_s=SLOW_TIMEOUT, **out)
+    result = out["attack"]
+    assert result["max_pieces_dripped"] < len(pieces), out
+    assert result["max_cut_after_s"] < SLOW_TIMEOUT + 2.0, out
+    if goaway is not None:
+        assert result["goaways"] == [str(goaway)] and result["all_closed"], out
+    else:
+        assert result["statuses"] == [status], out
+        assert result["resets"] == ["[0]"], out  # RST_STREAM NO_ERROR: "stop sending"
+    assert all(r.startswith("GET /data 200") for r in mesh.app_requests[before:]), mesh.app_requests
+    check_legit(out)
+
+
+def zero_window_streams(n: int) -> bytes:
+    """`n` honest GET /data streams from a client whose SETTINGS give the server a zero window."""
+    enc = hpack.Encoder()
+    out = [PREFACE, SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 0}).serialize()]
+    out += [HeadersFrame(2 * i + 1, _block(enc), flags=["END_HEADERS", "END_STREAM"]).serialize()
+            for i in range(n)]
+    return b"".join(out)
+
+
+@pytest.mark.slow
+async def test_h2_zero_window_streams_are_reset(mesh: Any, figures: Any, short_timeouts: None) -> None:
+    """100 streams (the cap) whose responses can never be sent (zero window): each gets its
+    response headers, then RST_STREAM CANCEL once it made no progress for STREAM_IDLE_TIMEOUT, so
+    its response buffer is released; the tunnel itself is not needed for that."""
+    async def attack(a: Attacker) -> dict[str, Any]:
+        channel = await a.tunnel()
+        t0 = time.monotonic()
+        reader = asyncio.create_task(read_all(channel, SLOW_TIMEOUT + 3.0))
+        await send_quietly(channel, zero_window_streams(100))
+        got, _, _ = await reader
+        frames = parse_frames(got)
+        resets = [f for f in frames if isinstance(f, RstStreamFrame)]
+        return {"streams": 100, "response_heads": sum(isinstance(f, HeadersFrame) for f in frames),
+                "resets": len(resets), "reset_codes": sorted({int(f.error_code) for f in resets}),
+                "goaway": any(isinstance(f, GoAwayFrame) for f in frames),
+                "held_s": round(time.monotonic() - t0, 2)}
+
+    async def timed(a: Attacker) -> dict[str, Any]:
+        t0 = time.monotonic()
+        result = await attack(a)
+        result["elapsed_s"] = round(time.monotonic() - t0, 2)
+        return result
+
+    out = await run(under_attack(mesh, timed))
+    figures(target="waypoint", scenario="h2-zero-window-100-streams", timeout_s=SLOW_TIMEOUT, **out)
+    result = out["attack"]
+    assert result["response_heads"] == 100 and result["resets"] == 100, out
+    assert result["reset_codes"] == [0x8], out  # CANCEL
+    assert not result["goaway"], out
+    check_legit(out)
+
+
+@pytest.mark.slow
+async def test_h2_streams_beyond_the_cap_cut_the_connection(mesh: Any, figures: Any) -> None:
+    """The 101st concurrent stream on one connection (the cap is 100 from the first frame on, acked
+    or not) is a connection error: GOAWAY and close."""
+    async def attack(a: Attacker) -> dict[str, Any]:
+        channel = await a.tunnel()
+        reader = asyncio.create_task(read_all(channel, 10.0))
+        await send_quietly(channel, zero_window_streams(150))
+        got, closed, elapsed = await reader
+        goaway = next((f for f in parse_frames(got) if isinstance(f, GoAwayFrame)), None)
+        return {"streams": 150, "closed": closed, "elapsed_s": round(elapsed, 3),
+                "goaway": None if goaway is None else int(goaway.error_code)}
+
+    out = await run(under_attack(mesh, attack))
+    figures(target="waypoint", scenario="h2-150-streams-cap-100", **out)
+    assert out["attack"]["goaway"] == PROTOCOL_ERROR and out["attack"]["closed"], out
+    assert out["attack"]["elapsed_s"] < 2.0, out
+    check_legit(out)
+
+
+H1_SLOW_BODY = [
+    pytest.param(_head("content-length: 400\r\n", "POST"), [b"x"] * 400, 0.25, id="body-1B-per-0.25s"),
+    pytest.param(_head("content-length: 4000\r\n", "POST") + b"x" * 2000, [b""] * 60, 0.25, id="body-idle"),
+    pytest.param(_head("transfer-encoding: chunked\r\n", "POST"), [b"1\r\nx\r\n"] * 400, 0.25,
+                 id="chunked-1B-per-0.25s"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("prefix", "pieces", "interval"), H1_SLOW_BODY)
+async def test_h1_slow_bodies_are_cut_off(
+    mesh: Any, figures: Any, short_timeouts: None, prefix: bytes, pieces: list[bytes], interval: float
+) -> None:
+    """HTTP/1.1: a body that stops, or trickles under 240 B/s after the grace period, is answered 408
+    and the connection closed (10 tunnels at once)."""
+    async def one(a: Attacker) -> dict[str, Any]:
+        channel = await a.tunnel()
+        t0 = time.monotonic()
+        reader = asyncio.create_task(read_all(channel, 15.0))
+        await send_quietly(channel, prefix)
+        dripped = 0
+        for piece in pieces:
+            await asyncio.wait([reader], timeout=interval)
+            if reader.done():
+                break
+            if piece:
+                with contextlib.suppress(ConnectionError):
+                    await channel.send(piece)
+            dripped += 1
+        got, closed, _ = await reader
+        return {"status": got[9:12].decode() if got else None, "closed": closed, "dripped": dripped,
+                "cut_after_s": round(time.monotonic() - t0, 2)}
+
+    async def attack(a: Attacker) -> dict[str, Any]:
+        results = await asyncio.gather(*(one(a) for _ in range(10)))
+        return {"tunnels": len(results), "statuses": sorted({str(r["status"]) for r in results}),
+                "all_closed": all(r["closed"] for r in results),
+                "max_cut_after_s": max(r["cut_after_s"] for r in results),
+                "max_pieces_dripped": max(r["dripped"] for r in results), "pieces": len(pieces)}
+
+    before = len(mesh.app_requests)
+    out = await run(under_attack(mesh, attack))
+    figures(target="waypoint", scenario="h1-slow-body", timeout_s=SLOW_TIMEOUT, **out)
+    result = out["attack"]
+    assert result["statuses"] == ["408"] and result["all_closed"], out
+    assert result["max_cut_after_s"] < SLOW_TIMEOUT + 2.0, out
+    assert result["max_pieces_dripped"] < len(pieces), out
+    assert all(r.startswith("GET /data 200") for r in mesh.app_requests[before:]), mesh.app_requests
+    check_legit(out)
+
+
+def test_slow_client_bounds_are_set() -> None:
+    assert 0 < serve.STREAM_IDLE_TIMEOUT <= 300
+    assert serve.MIN_BODY_RATE > 0 and 0 < serve.BODY_RATE_GRACE <= 30
+    assert serve.MAX_CONCURRENT_STREAMS <= 200

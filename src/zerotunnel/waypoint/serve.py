@@ -9,6 +9,17 @@ reset on HTTP/2), bodies up to 16 MiB (413), at most 100 concurrent HTTP/2 strea
 the HTTP/2 preface) complete within HEADER_TIMEOUT of its first byte (408 and close: slowloris,
 security.md §4 item 15), and a budget of SETTINGS/PING frames per HTTP/2 connection (GOAWAY
 ENHANCE_YOUR_CALM; `h2` answers every PING and SETTINGS by itself, unbounded).
+
+Slow clients (security.md §1d, §3 "idle/lifetime"; issue 9): on HTTP/2 a header block (HEADERS and
+its CONTINUATIONs) — or any other incomplete frame but DATA — must also complete within
+HEADER_TIMEOUT, else GOAWAY and close (no other frame may interleave a header block, so the whole
+connection is held); a request body must keep coming (no gap over STREAM_IDLE_TIMEOUT) and at
+MIN_BODY_RATE on average once BODY_RATE_GRACE has passed (Kestrel's MinRequestBodyDataRate, 240 B/s
+after 5 s: a body at 1 B/s is not "idle" but never ends), else 408 and close (HTTP/1.1) or 408 and
+RST_STREAM (HTTP/2); a response that cannot make progress (the client keeps a zero window, or does
+not read) for STREAM_IDLE_TIMEOUT is reset (Envoy's `stream_idle_timeout`, CVE-2020-12604). With at
+most 100 streams per connection (a 101st is a connection error), one connection's cost is bounded
+in count and in time.
 """
 
 from __future__ import annotations
@@ -50,6 +61,12 @@ CONTROL_RATE = 20.0
 HEADER_TIMEOUT = 10.0
 """Envoy's `request_headers_timeout` (off by default; its edge guide sets it): the head of a request must
 arrive within this many seconds of its first byte. Idle keep-alive between requests is not counted."""
+STREAM_IDLE_TIMEOUT = 60.0
+"""A request body with no byte, or a response that cannot be written, for this long is cut (Envoy's
+`stream_idle_timeout`, 5 min by default; the mesh's clients are near)."""
+MIN_BODY_RATE = 240.0
+BODY_RATE_GRACE = 5.0
+"""Kestrel's MinRequestBodyDataRate: after the grace period a body must average this many bytes/s."""
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
 _NO_BODY = frozenset({204, 304})
 
@@ -73,6 +90,17 @@ def _upgrade_refusal(request: HttpRequest) -> HttpResponse | None:
 
 class _HeaderTimeout(Exception):
     pass
+
+
+class _BodyTimeout(Exception):
+    pass
+
+
+def body_deadline(started: float, last: float, received: int) -> float:
+    """When a request body that began at `started`, last progressed at `last` and has `received`
+    bytes is too slow if nothing more comes: idle for STREAM_IDLE_TIMEOUT, or an average below
+    MIN_BODY_RATE once BODY_RATE_GRACE has passed."""
+    return min(last + STREAM_IDLE_TIMEOUT, started + max(BODY_RATE_GRACE, received / MIN_BODY_RATE))
 
 
 async def _recv_by(channel: ByteChannel, deadline: float) -> bytes:
@@ -141,13 +169,22 @@ async def _h1_next(conn: h11.Connection, channel: ByteChannel, scheme: str) -> H
     size = 0
     loop = asyncio.get_running_loop()
     deadline = loop.time() + HEADER_TIMEOUT if conn.trailing_data[0] else None
+    body_started = body_last = 0.0
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
             if request is not None and conn.they_are_waiting_for_100_continue:
                 await channel.send(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+                body_started = body_last = loop.time()
             if request is None and deadline is not None:
                 conn.receive_data(await _recv_by(channel, deadline))
+            elif request is not None:
+                try:
+                    data = await _recv_by(channel, body_deadline(body_started, body_last, size))
+                except _HeaderTimeout:
+                    raise _BodyTimeout from None
+                body_last = loop.time()
+                conn.receive_data(data)
             else:
                 data = await channel.recv()
                 if request is None and data:
@@ -174,6 +211,7 @@ async def _h1_next(conn: h11.Connection, channel: ByteChannel, scheme: str) -> H
             if refusal is not None:
                 raise HttpError(refusal.body.decode().strip(), status=refusal.status)
             _to_origin_form(request)
+            body_started = body_last = loop.time()
         elif isinstance(event, h11.Data):
             size += len(event.data)
             if size > MAX_BODY_BYTES:
@@ -247,10 +285,22 @@ async def _serve_h1(channel: ByteChannel, handler: Handler, first: bytes, scheme
                     timeout = text_response(408, "request header timeout\n")
                     await _send_h1(conn, channel, None, timeout, close=True)
                 return
+            except _BodyTimeout:
+                log.info("request body too slow (idle %.0f s or under %.0f B/s); closing",
+                         STREAM_IDLE_TIMEOUT, MIN_BODY_RATE)
+                with contextlib.suppress(h11.LocalProtocolError):
+                    timeout = text_response(408, "request body timeout\n")
+                    await _send_h1(conn, channel, None, timeout, close=True)
+                return
             if request is None:
                 return
             response = await handler(request)
-            await _send_h1(conn, channel, request, response)
+            try:
+                await asyncio.wait_for(_send_h1(conn, channel, request, response), STREAM_IDLE_TIMEOUT)
+            except TimeoutError:
+                log.info("response not taken by the client within %.0f s; closing", STREAM_IDLE_TIMEOUT)
+                channel.abort("response write timeout")
+                return
             if conn.our_state is h11.MUST_CLOSE or conn.their_state in (h11.MUST_CLOSE, h11.CLOSED):
                 return
             try:
@@ -289,9 +339,15 @@ class _H2Session:
         self.control_tokens = float(CONTROL_BURST)
         self.control_stamp = time.monotonic()
         self.sizes: dict[int, int] = {}
+        self.body_clock: dict[int, tuple[float, float]] = {}
+        """stream → (body started, last body byte), loop time, for the streams still receiving."""
+        self.frame_pending_since: float | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.timed_out = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.window = asyncio.Event()
         self.lock = asyncio.Lock()
+        self.loop = asyncio.get_running_loop()
 
     async def flush(self) -> None:
         data = self.conn.data_to_send()
@@ -318,11 +374,71 @@ class _H2Session:
                 await self.flush()
                 if self.abusive:
                     return
+                self._arm()
                 data = await self.channel.recv()
         finally:
+            if self.timer is not None:
+                self.timer.cancel()
             for task in list(self.tasks):
                 task.cancel()
             self.channel.send_eof()
+
+    def _frame_pending(self) -> bool:
+        """A header block, or a frame other than DATA, is partly received (h2 buffers both and says
+        nothing until they complete: the HTTP/2 slowloris shape). h2 4.x has no public view of its
+        frame buffer; its two fields are read here (tests/reliability/test_waypoint_abuse.py fails
+        if they change)."""
+        buffer = self.conn.incoming_buffer
+        tail = buffer._data
+        return bool(buffer._headers_buffer) or (
+            bool(tail) and (len(tail) < 4 or tail[3] != 0)
+        )
+
+    def _arm(self) -> None:
+        """One timer per connection, at the earliest deadline of what is incomplete."""
+        now = self.loop.time()
+        if self._frame_pending():
+            if self.frame_pending_since is None:
+                self.frame_pending_since = now
+        else:
+            self.frame_pending_since = None
+        deadlines = [body_deadline(start, last, self.sizes.get(sid, 0))
+                     for sid, (start, last) in self.body_clock.items()]
+        if self.frame_pending_since is not None:
+            deadlines.append(self.frame_pending_since + HEADER_TIMEOUT)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if deadlines:
+            self.timer = self.loop.call_at(min(deadlines) + 0.001, self._expire)
+
+    def _expire(self) -> None:
+        self.timer = None
+        now = self.loop.time()
+        if self.frame_pending_since is not None and now >= self.frame_pending_since + HEADER_TIMEOUT:
+            log.info("HTTP/2 header block or frame not complete within %.0f s; closing", HEADER_TIMEOUT)
+            self.timed_out += 1
+            self.abusive = True
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.conn.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            self._spawn(self._close("request header timeout"))
+            return
+        for sid, (start, last) in list(self.body_clock.items()):
+            if now >= body_deadline(start, last, self.sizes.get(sid, 0)):
+                log.info("HTTP/2 request body too slow on stream %d; 408 and reset", sid)
+                self.timed_out += 1
+                self.body_clock.pop(sid, None)
+                self.requests.pop(sid, None)
+                self._spawn(self._respond(sid, None, text_response(408, "request body timeout\n"),
+                                          reset=h2.errors.ErrorCodes.NO_ERROR))
+        self._arm()
+
+    async def _close(self, reason: str) -> None:
+        """Send what is queued (the GOAWAY), then end the tunnel: the read loop is waiting on a
+        client that is not going to finish."""
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.flush()
+        self.channel.abort(reason)
 
     def _event(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
@@ -340,6 +456,9 @@ class _H2Session:
                 scheme=self.scheme,
             )
             self.sizes[event.stream_id] = 0
+            if event.stream_ended is None:
+                now = self.loop.time()
+                self.body_clock[event.stream_id] = (now, now)
         elif isinstance(event, h2.events.DataReceived):
             sid = event.stream_id
             assert sid is not None and event.data is not None
@@ -348,19 +467,24 @@ class _H2Session:
             if request is None:
                 return
             self.sizes[sid] += len(event.data)
+            if sid in self.body_clock:
+                self.body_clock[sid] = (self.body_clock[sid][0], self.loop.time())
             if self.sizes[sid] > MAX_BODY_BYTES:
                 self.requests.pop(sid, None)
+                self.body_clock.pop(sid, None)
                 self._spawn(self._respond(sid, None, text_response(413, "payload too large\n")))
                 return
             request.body += event.data
         elif isinstance(event, h2.events.StreamEnded):
             assert event.stream_id is not None
             request = self.requests.pop(event.stream_id, None)
+            self.body_clock.pop(event.stream_id, None)
             if request is not None:
                 self.handling[event.stream_id] = self._spawn(self._handle(event.stream_id, request))
         elif isinstance(event, h2.events.StreamReset):
             assert event.stream_id is not None
             self.requests.pop(event.stream_id, None)
+            self.body_clock.pop(event.stream_id, None)
             task = self.handling.pop(event.stream_id, None)
             if task is not None:
                 task.cancel()
@@ -416,7 +540,17 @@ class _H2Session:
         finally:
             self.handling.pop(sid, None)
 
-    async def _respond(self, sid: int, request: HttpRequest | None, response: HttpResponse) -> None:
+    async def _respond(
+        self,
+        sid: int,
+        request: HttpRequest | None,
+        response: HttpResponse,
+        *,
+        reset: h2.errors.ErrorCodes | None = None,
+    ) -> None:
+        """Write the response; a body the client does not let us send (zero window) for
+        STREAM_IDLE_TIMEOUT gets the stream reset. `reset`: reset the stream after the response
+        (a response before the request ended, RFC 9113 §8.1: NO_ERROR asks the client to stop)."""
         headers = [(":status", str(response.status))]
         headers += [(k, v) for k, v in response.headers if k not in ("content-length",)]
         no_body = (request is not None and request.method == "HEAD") or response.status in _NO_BODY
@@ -429,14 +563,29 @@ class _H2Session:
             )
             await self.flush()
             view = memoryview(body)
+            stall_deadline = self.loop.time() + STREAM_IDLE_TIMEOUT
             while view:
                 window = min(self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size)
                 if window <= 0:
                     self.window.clear()
-                    await self.window.wait()
+                    remaining = stall_deadline - self.loop.time()
+                    try:
+                        if remaining <= 0:
+                            raise TimeoutError
+                        await asyncio.wait_for(self.window.wait(), remaining)
+                    except TimeoutError:
+                        log.info("HTTP/2 response on stream %d stalled %.0f s (flow control); reset",
+                                 sid, STREAM_IDLE_TIMEOUT)
+                        self.timed_out += 1
+                        reset = h2.errors.ErrorCodes.CANCEL
+                        break
                     continue
                 chunk, view = view[:window], view[window:]
                 self.conn.send_data(sid, bytes(chunk), end_stream=not view)
+                stall_deadline = self.loop.time() + STREAM_IDLE_TIMEOUT
+                await self.flush()
+            if reset is not None:
+                self.conn.reset_stream(sid, error_code=reset)
                 await self.flush()
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
             return
