@@ -218,7 +218,13 @@ def run_churn(
         "p99_ms": round(percentile(ms, 0.99), 2),
         "p999_ms": round(percentile(ms, 0.999), 2),
         "max_ms": round(ms[-1], 2) if ms else math.nan,
+        "generator_cpu_s": round(_cpu_s(), 2),
     }
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 # --- hold -------------------------------------------------------------------------------------------

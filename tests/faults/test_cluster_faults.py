@@ -2,11 +2,13 @@
 
 One cluster for the module: `zerotunnel up examples/seed` with its control plane, app-a's waypoint and
 the ingress gateway. The soak is the short form here (`SOAK_SECONDS`, 45 s by default); `make soak`
-(`ZT_SOAK=1`) holds it `ZT_SOAK_SECONDS` (600 s by default). Figures go to `$ZT_RELIABILITY_FIGURES`.
+(`ZT_SOAK=1`) holds it `ZT_SOAK_SECONDS` (600 s by default). Its clients are load generators at a fixed
+rate (tests/faults/loadgen.py `mixed`). Figures go to `$ZT_RELIABILITY_FIGURES`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -14,7 +16,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -64,18 +65,6 @@ def _curl_in(netns: str, url: str, *, method: str = "GET") -> str:
     out = subprocess.run(
         ["ip", "netns", "exec", netns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method,
          "--max-time", "5", url],
-        capture_output=True, text=True, timeout=15, check=False,
-    )
-    return out.stdout.strip() or "000"
-
-
-def _gateway_get(status: dict[str, Any], client: str, path: str = "/data") -> str:
-    gw = next(g for g in status["gateways"])
-    out = subprocess.run(
-        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5",
-         "--cacert", str(GW / "server-ca.crt"), "--cert", str(GW / "clients" / f"{client}.crt"),
-         "--key", str(GW / "clients" / f"{client}.key"),
-         "--resolve", f"app-a.example.com:443:{gw['ip']}", f"https://app-a.example.com{path}"],
         capture_output=True, text=True, timeout=15, check=False,
     )
     return out.stdout.strip() or "000"
@@ -136,52 +125,68 @@ CASES: list[tuple[str, str]] = [
 ]
 
 
+SOAK_RATE = 10.0  # requests per second per case: 60/s in all, the curl-driven soak's ~60-70/s
+LOADGEN = Path(__file__).resolve().parent / "loadgen.py"
+
+
+def _generator(netns: str | None, cases: list[dict[str, Any]], rate: float) -> subprocess.Popen[str]:
+    """tests/faults/loadgen.py `mixed` at `rate` over `cases`, inside `netns` (None: the host, where the
+    gateway's outside clients are)."""
+    argv = [sys.executable, str(LOADGEN), "mixed", "--cases", json.dumps(cases), "--rate", str(rate),
+            "--duration", str(SOAK_SECONDS)]
+    return subprocess.Popen(["ip", "netns", "exec", netns, *argv] if netns else argv, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _gateway_case(status: dict[str, Any], client: str) -> dict[str, Any]:
+    gw = next(g for g in status["gateways"])
+    return {"name": f"gw-{client}", "host": gw["ip"], "port": 443, "path": "/data",
+            "host_header": "app-a.example.com",
+            "tls": {"ca": str(GW / "server-ca.crt"), "cert": str(GW / "clients" / f"{client}.crt"),
+                    "key": str(GW / "clients" / f"{client}.key"), "sni": "app-a.example.com"}}
+
+
 @pytest.mark.timeout(SOAK_SECONDS + 300)
 def test_soak_mixed_traffic_through_the_seed(seed: str, figures: Callable[..., None]) -> None:
-    """Sustained mixed traffic (3 workers) for SOAK_SECONDS: every answer as expected, node proxies'
-    RSS and fds flat after warm-up, latency stable (last quarter vs second quarter)."""
+    """Sustained mixed traffic at a fixed rate (SOAK_RATE per case, open loop, one new connection per
+    request, from load generators in app-b's and app-c's netns and on the host for the gateway) for
+    SOAK_SECONDS: every answer as expected, node proxies' RSS and fds flat after warm-up, latency
+    stable (last quarter vs second quarter). Latency is from each request's due time, so it is the
+    mesh's (a curl process per request added its own start-up, ~30 ms, to every figure)."""
     status = runner.cluster_status(seed)
     b = _pod(status, "namespace-b", "app-b")["netns"]
     c = _pod(status, "namespace-c", "app-c")["netns"]
-    url = "http://app-a.namespace-a/data"
-    run: dict[str, Callable[[], str]] = {
-        "b-get-data": lambda: _curl_in(b, url),
-        "b-post-data": lambda: _curl_in(b, url, method="POST"),
-        "c-get-data": lambda: _curl_in(c, url),
-        "gw-partner-a": lambda: _gateway_get(status, "partner-a"),
-        "gw-partner-b": lambda: _gateway_get(status, "partner-b"),
-        "gw-stranger": lambda: _gateway_get(status, "stranger"),
+    app_a = {"host": "app-a.namespace-a", "port": 80, "path": "/data"}
+    generators = {
+        "app-b": _generator(b, [{"name": "b-get-data", **app_a},
+                                {"name": "b-post-data", "method": "POST", **app_a}], 2 * SOAK_RATE),
+        "app-c": _generator(c, [{"name": "c-get-data", **app_a}], SOAK_RATE),
+        "host": _generator(None, [_gateway_case(status, "partner-a"), _gateway_case(status, "partner-b"),
+                                  _gateway_case(status, "stranger")], 3 * SOAK_RATE),
     }
     expected = dict(CASES)
     pids = {n["name"]: int(n["pid"]) for n in status["nodes"]}
-    results: list[tuple[float, str, str, float]] = []  # (t, case, got, seconds)
-    lock = threading.Lock()
-    stop = threading.Event()
     started = time.monotonic()
-
-    def worker(offset: int) -> None:
-        i = offset
-        while not stop.is_set():
-            case = CASES[i % len(CASES)][0]
-            i += 1
-            t0 = time.monotonic()
-            got = run[case]()
-            with lock:
-                results.append((t0 - started, case, got, time.monotonic() - t0))
-
-    workers = [threading.Thread(target=worker, args=(k * 2,)) for k in range(3)]
-    for w in workers:
-        w.start()
     samples: list[tuple[float, dict[str, tuple[int, int]]]] = []
+    outputs: dict[str, str] = {}
     try:
         while time.monotonic() - started < SOAK_SECONDS:
             samples.append((time.monotonic() - started, {n: _proc_sample(p) for n, p in pids.items()}))
             time.sleep(min(5.0, SOAK_SECONDS / 20))
+        samples.append((time.monotonic() - started, {n: _proc_sample(p) for n, p in pids.items()}))
+        for name, proc in generators.items():
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, f"{name} generator: {err[-2000:]}"
+            outputs[name] = out
     finally:
-        stop.set()
-        for w in workers:
-            w.join(30)
-    samples.append((time.monotonic() - started, {n: _proc_sample(p) for n, p in pids.items()}))
+        for proc in generators.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    results: list[tuple[float, str, str, float]] = sorted(
+        (float(t), str(case), str(got), float(sec))
+        for out in outputs.values() for t, case, got, sec in json.loads(out)["records"]
+    )  # (due t, case, got, seconds from due)
 
     wrong = [(t, case, got) for t, case, got, _ in results if got != expected[case]]
     base = next(s for t, s in samples if t >= SOAK_SECONDS * WARMUP)
@@ -196,16 +201,20 @@ def test_soak_mixed_traffic_through_the_seed(seed: str, figures: Callable[..., N
     def pct(xs: list[float], q: float) -> float:
         return round(sorted(xs)[min(len(xs) - 1, int(len(xs) * q))] * 1000, 1) if xs else -1.0
 
+    gw_ok = [sec for _, case, _, sec in results if case in ("gw-partner-a", "gw-partner-b")]
     figures(
-        seconds=round(samples[-1][0], 1), requests=len(results),
+        seconds=round(samples[-1][0], 1), requests=len(results), offered_rps=6 * SOAK_RATE,
+        achieved_rps=round(len(results) / SOAK_SECONDS, 1),
         per_case={case: sum(1 for _, c2, _, _ in results if c2 == case) for case, _ in CASES},
         wrong=len(wrong), wrong_first=wrong[:5],
         rss_kib_base={n: base[n][0] for n in pids}, rss_kib_growth=rss_growth,
         fds_base={n: base[n][1] for n in pids}, fd_growth=fd_growth,
         b_get_ms={"p50": pct(allowed, 0.5), "p99": pct(allowed, 0.99), "max": pct(allowed, 1.0)},
+        gateway_ok_ms={"p50": pct(gw_ok, 0.5), "p99": pct(gw_ok, 0.99), "max": pct(gw_ok, 1.0)},
         b_get_p50_ms_q2_q4=[pct(q2, 0.5), pct(q4, 0.5)],
     )
     assert len(results) >= SOAK_SECONDS, f"only {len(results)} requests"
+    assert len(results) >= 0.95 * 6 * SOAK_RATE * SOAK_SECONDS, f"rate not held: {len(results)} requests"
     assert not wrong, wrong[:10]
     assert all(g < 16 * 1024 for g in rss_growth.values()), rss_growth  # KiB after warm-up
     assert all(g <= 16 for g in fd_growth.values()), fd_growth

@@ -411,3 +411,53 @@ def test_new_connections_per_second(mesh: LoadMesh, figures: Callable[..., None]
     assert result["achieved_rps"] >= 0.95 * RATE, result
     assert result["p99_ms"] < 2000, result
     assert released_s >= 0, f"not released within 30 s: {after}"
+
+
+RAMP = [100, 150, 200, 250, 300, 400, 500, 700, 1000] if SOAK else [100, 200, 300]
+RAMP_SECONDS = 20.0 if SOAK else 4.0
+MIN_SUSTAINED = float(os.environ.get("ZT_LOAD_MIN_RATE", "100"))
+
+
+def _holds(step: dict[str, Any]) -> bool:
+    """A rate is sustained when nothing failed, the offered rate was achieved and the queue did not grow
+    (p99 under a second: a proxy that falls behind open-loop load shows it as seconds of latency)."""
+    return bool(step["errors"] == 0 and step["achieved_rps"] >= 0.95 * step["offered_rps"]
+                and step["p99_ms"] < 1000)
+
+
+@pytest.mark.timeout(1800 if SOAK else 300)
+def test_max_sustainable_connection_rate(mesh: LoadMesh, figures: Callable[..., None]) -> None:
+    """Open-loop connection rate raised step by step until a step is not held: the highest held rate,
+    with each proxy's CPU per connection (what 1,000/s would cost), and the release of everything after
+    the overloaded step."""
+    mesh.churn(50, 1)
+    time.sleep(1)
+    base = mesh.sample()
+    base_pool = mesh.gauges()["istio_hbone_pool_connections node-2"]
+    steps: list[dict[str, Any]] = []
+    for rate in RAMP:
+        before = mesh.sample()
+        t0 = time.monotonic()
+        result = mesh.churn(rate, RAMP_SECONDS)
+        wall = time.monotonic() - t0
+        after = mesh.sample()
+        mesh.check_alive()
+        cpu = {k: after[k]["cpu_s"] - before[k]["cpu_s"] for k in after}
+        steps.append({
+            "offered_rps": rate, "achieved_rps": result["achieved_rps"], "errors": result["errors"],
+            "error_kinds": result["error_kinds"], "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
+            "max_inflight": result["max_inflight"], "generator_cpu_s": result["generator_cpu_s"],
+            "proxy_cores": {k: round(v / wall, 2) for k, v in cpu.items()},
+            "proxy_cpu_ms_per_conn": {k: round(v * 1000 / max(result["ok"], 1), 2) for k, v in cpu.items()},
+            "load_average": round(os.getloadavg()[0], 2),
+        })
+        if not _holds(steps[-1]):
+            break
+        time.sleep(2)
+    released_s, after_close = _until_back(mesh, base, base_pool, 60)
+    held = [s["offered_rps"] for s in steps if _holds(s)]
+    max_held = max(held, default=0)
+    figures(max_sustained_rps=max_held, steps=steps, step_seconds=RAMP_SECONDS,
+            released_s=round(released_s, 2), after_close=after_close, cpu_count=os.cpu_count())
+    assert max_held >= MIN_SUSTAINED, steps
+    assert released_s >= 0, f"not released within 60 s of the last step: {after_close}"
