@@ -295,6 +295,10 @@ class IngressGateway:
             writer.transport.abort()
             return
         load.open += 1
+        state = self.ports.get(port)
+        if state is not None and state.contexts:
+            load.pending[writer] = time.monotonic()
+            load.peak_pending = max(load.peak_pending, len(load.pending))
         task = asyncio.get_running_loop().create_task(self._connection(reader, writer, port, load))
         self._conns.add(task)
         task.add_done_callback(self._conns.discard)
@@ -342,8 +346,6 @@ class IngressGateway:
         channel: TcpChannel | TlsChannel
         try:
             if state.contexts:
-                load.pending[writer] = time.monotonic()
-                load.peak_pending = max(load.peak_pending, len(load.pending))
                 try:
                     channel, index, client = await self._handshake(reader, writer, state, src, load)
                 finally:
