@@ -765,3 +765,83 @@ def test_slow_client_bounds_are_set() -> None:
     assert 0 < serve.STREAM_IDLE_TIMEOUT <= 300
     assert serve.MIN_BODY_RATE > 0 and 0 < serve.BODY_RATE_GRACE <= 30
     assert serve.MAX_CONCURRENT_STREAMS <= 200
+
+
+# -- the waypoint's 15008 listener under a connection flood (security.md §3, §4 items 15-16) ---------
+
+
+class FreshLegit(Legit):
+    """app-b's honest `GET /data` over a *new* mTLS connection each time: what a flood of
+    unauthenticated sockets could starve."""
+
+    async def once(self) -> None:
+        creds = self.mesh.pki.creds("namespace-b", "service-account-b")
+        pool = HbonePool(lambda _i: creds, mark=False)
+        key = PoolKey(SpiffeId.istio(wp.TD, "namespace-b", "service-account-b"),
+                      frozenset({self.mesh.waypoint.identity}), self.mesh.waypoint.address)
+        t0 = time.perf_counter()
+        try:
+            channel = StreamChannel(await asyncio.wait_for(pool.connect(key, f"{wp.VIP}:80"), 10))
+            response = await wp.exchange(channel, "GET", "/data", HOST, [], b"", timeout=10)
+            if response.status != 200:
+                raise AssertionError(f"status {response.status}")
+        except Exception as exc:
+            self.failed += 1
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+            return
+        finally:
+            await pool.close()
+        self.latencies.append(time.perf_counter() - t0)
+        self.ok += 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("cap", "silent", "slow"), [(256, 200, 20), (64, 300, 20)],
+                         ids=["flood-below-cap", "flood-above-cap"])
+async def test_waypoint_listener_under_connection_flood(
+    mesh: Any, figures: Any, cap: int, silent: int, slow: int
+) -> None:
+    """Silent sockets, garbage and ClientHellos dripped a byte a second against the waypoint's 15008
+    (handshake timeout 2 s here, 10 s by default), while app-b opens a new mTLS connection per
+    request. Below the pending-handshake cap: 100%. Above it the listener (the node proxy's
+    `HboneServer`) resets *new* sockets while the flood's are pending, so app-b's handshakes fail
+    until the timeout reaps the flood (docs/RELIABILITY.md open finding 9: the gateway evicts the
+    oldest pending handshake instead and keeps 100%); what must hold here is that they succeed
+    again as soon as the flood is reaped, and nothing stays pending."""
+    from tests.reliability.test_gateway_abuse import run_flooder
+
+    server = mesh.waypoint.server
+    server.handshake_timeout = 2.0
+    server.max_pending_handshakes = cap
+    base = FreshLegit(mesh)
+    for _ in range(5):
+        await base.once()
+    legit = FreshLegit(mesh)
+    stop = asyncio.Event()
+    prober = asyncio.create_task(legit.loop(stop))
+    host, port = mesh.waypoint.address
+    args = {"host": host, "port": port, "sni": "waypoint.test", "limit": 10.0, "silent": silent,
+            "garbage": 20, "slow": slow, "flood_seconds": 1.0, "flood_concurrency": 0}
+    t0 = time.monotonic()
+    try:
+        result = await run_flooder(args)
+        flood_s = time.monotonic() - t0
+        after = FreshLegit(mesh)
+        for _ in range(5):
+            await after.once()
+    finally:
+        stop.set()
+        await prober
+    silent_closed = [v for v in result["silent"] if v is not None]
+    summary: dict[str, Any] = {
+        "cap": cap, "handshake_timeout_s": 2.0, "silent": silent, "slow_hello": slow, "garbage": 20,
+        "silent_closed": len(silent_closed), "max_reap_s": round(max(silent_closed), 2),
+        "refused_at_accept": server.refused_sockets, "flood_s": round(flood_s, 2),
+        "baseline": base.stats(), "during": legit.stats(), "after": after.stats(),
+    }
+    figures(target="waypoint-15008", scenario=f"connection-flood-cap-{cap}", **summary)
+    assert summary["silent_closed"] == silent and summary["max_reap_s"] < 2.0 + 1.5, summary
+    assert summary["after"]["success_rate"] == 1.0, summary
+    if silent + slow + 20 < cap:
+        assert summary["during"]["success_rate"] == 1.0, summary
+    assert server.pending_handshakes == 0, summary
