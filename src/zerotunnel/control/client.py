@@ -74,8 +74,22 @@ def _enrolment_address(ca_address: str) -> str:
     return f"{host}:{int(port) + 1}"
 
 
+RECONNECT_BACKOFF_MS = (500, 5000)
+"""gRPC's own reconnect backoff (initial, max). Its default grows to 120 s, and while a channel waits
+it fails every call at once with the cached "failed to connect" error: after a long control-plane
+outage nodes kept failing for ~40 s after the control plane was back (security.md §4 item 25). Capped
+below the config stream's 15 s so that ztunnel's xDS bound is what decides the resync time."""
+
+
 def _channel_options(server_name: str) -> list[tuple[str, object]]:
-    return [("grpc.ssl_target_name_override", server_name), ("grpc.default_authority", server_name)]
+    initial, most = RECONNECT_BACKOFF_MS
+    return [
+        ("grpc.ssl_target_name_override", server_name),
+        ("grpc.default_authority", server_name),
+        ("grpc.initial_reconnect_backoff_ms", initial),
+        ("grpc.min_reconnect_backoff_ms", initial),
+        ("grpc.max_reconnect_backoff_ms", most),
+    ]
 
 
 def _rpc_error(exc: grpc.aio.AioRpcError) -> ControlPlaneError:

@@ -13,6 +13,7 @@ Where certificates come from is a `CaClient`: `LocalCaClient` signs with a CA di
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -90,6 +91,8 @@ class _Entry:
     failures: int = 0
     last_error: str | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set to cut a failure backoff short (`retry_failed_now`)."""
     task: asyncio.Task[None] | None = None
 
 
@@ -162,6 +165,10 @@ class CertificateManager:
                 f"no certificate for {identity} after {timeout:g}s: {entry.last_error or 'CA did not answer'}"
             ) from None
         assert entry.credentials is not None
+        if entry.not_after is not None and self._clock() > entry.not_after:
+            # never hand out an expired certificate (the last renewal failed and the old one ran out)
+            self.release(identity)
+            raise CertificateError(self.expired_reason(identity) or f"certificate for {identity} expired")
         return entry.credentials
 
     def release(self, identity: SpiffeId) -> None:
@@ -180,6 +187,29 @@ class CertificateManager:
         if entry is None or entry.credentials is None or entry.not_after is None:
             return None
         return entry.credentials if self._clock() <= entry.not_after else None
+
+    def expired_reason(self, identity: SpiffeId) -> str | None:
+        """Why `identity` has no usable certificate now (None when it has one, or is not managed here):
+        the text the node proxy logs and puts in the access log when it refuses a tunnel for it."""
+        entry = self._entries.get(identity)
+        if entry is None or entry.not_after is None or self._clock() <= entry.not_after:
+            return None
+        reason = f"no valid certificate for {identity}: expired at {entry.not_after.isoformat()}"
+        if entry.last_error:
+            reason += f"; renewal failing ({entry.failures} attempts): {entry.last_error}"
+        return reason
+
+    def retry_failed_now(self) -> int:
+        """The CA answers again (e.g. the node's config stream reconnected): identities backing off after
+        failed renewals retry at once, instead of at the end of a backoff that grows to 150 s over a long
+        outage (§3.4's schedule, which alone would keep pods on expired certificates for up to 2.5 min
+        after the control plane returned). Returns how many were woken."""
+        woken = 0
+        for entry in self._entries.values():
+            if entry.failures:
+                entry.wake.set()
+                woken += 1
+        return woken
 
     def status(self) -> list[CertificateStatus]:
         out = []
@@ -227,7 +257,8 @@ class CertificateManager:
                 entry.failures += 1
                 log.warning("certificate for %s: %s; retrying in %.1fs", entry.identity, exc,
                             (wake - now).total_seconds())
-                await self._sleep_until(wake)
+                entry.wake.clear()
+                await self._sleep_until(wake, entry.wake)
                 continue
             entry.credentials = creds
             entry.not_before, entry.not_after = leaf.not_valid_before_utc, leaf.not_valid_after_utc
@@ -239,6 +270,12 @@ class CertificateManager:
             entry.refresh_due = next_refresh(entry.not_before, entry.not_after, self._clock())
             await self._sleep_until(entry.refresh_due)
 
-    async def _sleep_until(self, when: datetime) -> None:
+    async def _sleep_until(self, when: datetime, interrupt: asyncio.Event | None = None) -> None:
         while (left := (when - self._clock()).total_seconds()) > 0:
-            await asyncio.sleep(min(left, self._recheck))
+            if interrupt is None:
+                await asyncio.sleep(min(left, self._recheck))
+                continue
+            if interrupt.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(interrupt.wait(), min(left, self._recheck))

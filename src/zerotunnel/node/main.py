@@ -102,6 +102,10 @@ class NodeRunner:
     async def _on_snapshot(self, snapshot: Snapshot) -> None:
         self.config = snapshot.config
         self._apply()
+        # A snapshot means the control plane answers: renewals that failed while it was away retry now.
+        woken = self.certs.retry_failed_now()
+        if woken:
+            log.info("control plane reachable: retrying %d certificate renewal(s) now", woken)
 
     def _apply(self) -> None:
         if self.config is None:

@@ -18,6 +18,7 @@ import itertools
 import logging
 import os
 import secrets
+import ssl
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -105,6 +106,8 @@ class PodProxy:
     outbound: set[TcpRelay] = field(default_factory=set)
     _pick: itertools.count[int] = field(default_factory=itertools.count)
     _hbone_closing: asyncio.Task[None] | None = None
+    not_after: datetime | None = None
+    _expiry_reported: bool = False
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -123,6 +126,10 @@ class PodProxy:
             metrics=self.node.metrics,
             access_log=self.node.access_log,
         )
+        self.not_after = self.credentials.not_after
+        # The ClientHello callback runs for every handshake (SNI or not): it refuses the handshake while
+        # the pod's certificate is expired, so 15008 never presents one (security.md §4 item 25).
+        self.hbone._ctx.sni_callback = self._client_hello
         await self.hbone.start(sock=open_listener_in_netns(self.netns, BIND_ALL, 15008, blocking=False))
         out_sock = open_listener_in_netns(self.netns, BIND_ALL, OUTBOUND_CAPTURE_PORT, blocking=False)
         in_sock = open_listener_in_netns(self.netns, BIND_ALL, INBOUND_PLAINTEXT_PORT, blocking=False)
@@ -178,8 +185,47 @@ class PodProxy:
 
     def update_credentials(self, credentials: WorkloadCredentials) -> None:
         self.credentials = credentials
+        self.not_after = credentials.not_after
+        if self._expiry_reported:
+            log.info("certificate for %s renewed; %s serves again", self.identity, self.uid)
+            self._expiry_reported = False
         if self.hbone is not None:
             self.hbone.update_credentials(credentials)
+
+    # -- certificate expiry (security.md §4 item 25) --------------------------------------------------
+
+    def certificate_problem(self) -> str | None:
+        """None while the pod's certificate is valid; once it has expired without a renewal (the CA is
+        unreachable for longer than the TTL), the reason every tunnel needing it is refused with: the
+        node fails closed — no expired certificate is presented or accepted as ours — and serves again
+        as soon as a renewal arrives."""
+        if self.not_after is None or datetime.now(UTC) <= self.not_after:
+            return None
+        reason = self.node.certs.expired_reason(self.identity) or (
+            f"no valid certificate for {self.identity}: expired at {self.not_after.isoformat()}")
+        if not self._expiry_reported:
+            self._expiry_reported = True
+            log.error("%s; refusing %s's tunnels until a new certificate arrives", reason, self.uid)
+        return reason
+
+    def _client_hello(
+        self, _obj: ssl.SSLObject | ssl.SSLSocket, _server_name: str | None, _ctx: ssl.SSLContext
+    ) -> int | None:
+        if self.certificate_problem() is None:
+            return None
+        return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
+
+    def _retire_stale(self, key: PoolKey) -> None:
+        """No new tunnel on a pooled connection authenticated by a certificate that has since expired
+        (its peer's, or an old one of ours); tunnels it carries finish, it idles out."""
+        assert self.pool is not None
+        now = datetime.now(UTC)
+        for conn in self.pool.connections(key):
+            if conn.retired:
+                continue
+            if (conn.peer is not None and conn.peer.not_after < now) or (
+                    conn.creds is not self.credentials and conn.creds.not_after < now):
+                conn.retired = True
 
     def workload(self) -> Workload | None:
         snapshot = self.node.snapshot
@@ -199,6 +245,9 @@ class PodProxy:
         )
 
     def _authorize_hbone(self, request: InboundRequest) -> Decision:
+        problem = self.certificate_problem()
+        if problem is not None:  # a CONNECT on a connection made while our certificate was valid
+            return Decision(False, None, None, problem, 401)
         return self.authorize(request.l4_request())
 
     def authorize(self, request: L4Request) -> Decision:
@@ -388,6 +437,16 @@ class PodProxy:
             trace_id=secrets.token_bytes(16),
             parent_id=secrets.token_bytes(8),
         )
+        problem = self.certificate_problem()
+        if problem is not None:
+            record.error, record.response_flag = problem, "CONNECT"
+            self.node.metrics.connection_failed_early(
+                self._labels("source", record, record.response_flag, "mutual_tls")
+            )
+            self.node.access_log.complete(record)
+            relay.fail(problem)
+            return
+        self._retire_stale(key)
         try:
             stream = await self.pool.connect(key, route.authority, headers)
         except HboneConnectError as exc:
