@@ -50,8 +50,8 @@ HANDSHAKE_TIMEOUT = 10.0
 class _ReadBuffer(threading.local):
     """One 256 KiB decrypt buffer per thread, shared by every connection of that thread's loop.
 
-    `_read_tls` copies what it decrypted out (`tobytes`) before any event is dispatched, so no
-    connection ever holds it across a callback. A buffer per connection made each accepted socket
+    `receive_data` copies what it is given before it returns (into h2's or the lean path's frame
+    buffer), and events are dispatched after, so no connection ever holds it across a callback. A buffer per connection made each accepted socket
     cost 260 KiB of resident memory before its TLS handshake even started: 1,000 silent sockets took
     260 MiB (tests/reliability/test_floods.py, security.md §4 item 15).
     """
@@ -378,7 +378,7 @@ class HboneConnectionProtocol(asyncio.Protocol):
             # `flush` below instead of scheduling its own.
             pending, self._flush_pending = self._flush_pending, True
             try:
-                for event in self.h2.receive_data(view[:filled].tobytes(), self._loop.time()):
+                for event in self.h2.receive_data(view[:filled], self._loop.time()):
                     self._event(event)
                     if self.closed:
                         break
