@@ -13,10 +13,11 @@ The TLS front is hardened as security.md §3 asks of every listener: TLS runs on
 memory BIO (tls.py) so a refused handshake sends its alert (TLS 1.3 `certificate_required` to a client
 without a certificate, as Envoy does); the whole handshake must finish within `handshake_timeout`;
 each listener caps its open connections and its pending handshakes. When the pending-handshake cap is
-reached the *oldest* pending handshake is dropped for the new one, not the new one refused: a real
-client's handshake lasts milliseconds, a flood's silent or dripping sockets last until the timeout,
-so the flood evicts itself and cannot starve real clients (the cap alone would lock them out until
-the flood's sockets time out).
+reached a pending handshake is dropped for the new one, not the new one refused: the oldest of those
+whose ClientHello is still incomplete (silent or dripping sockets), else the oldest. A real client's
+ClientHello arrives with its first packet and its handshake lasts milliseconds; a flood's sockets
+sit until the timeout, so the flood evicts itself and cannot starve real clients (refusing the new
+socket would lock them out until the flood's sockets time out).
 """
 
 from __future__ import annotations
@@ -170,6 +171,8 @@ class ListenerLoad:
 
     open: int = 0
     pending: dict[asyncio.StreamWriter, float] = field(default_factory=dict)
+    hello: set[asyncio.StreamWriter] = field(default_factory=set)
+    """Pending sockets whose ClientHello was complete (evicted only when no other is pending)."""
     evicted: set[asyncio.StreamWriter] = field(default_factory=set)
     refused: int = 0
     evictions: int = 0
@@ -311,8 +314,11 @@ class IngressGateway:
         while load.pending and (
             len(load.pending) >= self.max_pending_handshakes or load.open >= self.max_connections
         ):
-            oldest = next(iter(load.pending))
+            oldest = next((w for w in load.pending if w not in load.hello), None)
+            if oldest is None:
+                oldest = next(iter(load.pending))
             del load.pending[oldest]
+            load.hello.discard(oldest)
             load.evicted.add(oldest)
             load.evictions += 1
             self.metrics.handshake_failed("inbound", "evicted")
@@ -330,6 +336,7 @@ class IngressGateway:
         finally:
             load.open -= 1
             load.pending.pop(writer, None)
+            load.hello.discard(writer)
             load.evicted.discard(writer)
 
     async def _serve_connection(
@@ -350,6 +357,7 @@ class IngressGateway:
                     channel, index, client = await self._handshake(reader, writer, state, src, load)
                 finally:
                     load.pending.pop(writer, None)
+                    load.hello.discard(writer)
             else:
                 channel = TcpChannel(reader, writer)
             plan = state.plans[index]
@@ -381,7 +389,9 @@ class IngressGateway:
         base_index = next(iter(state.contexts))
         channel = TlsChannel(reader, writer, state.contexts[base_index])
         try:
-            await channel.handshake(self.handshake_timeout)
+            await channel.handshake(
+                self.handshake_timeout, lambda: load.hello.add(writer) if writer in load.pending else None
+            )
         except HandshakeFailed as exc:
             state.chosen.pop(id(channel.ssl_object), None)
             if writer in load.evicted:  # counted in the metrics by `_admit`

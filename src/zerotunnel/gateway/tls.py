@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import Callable
 
 from zerotunnel.errors import ZerotunnelError
 
@@ -58,16 +59,19 @@ class TlsChannel:
             self.writer.write(out)
         return bool(out)
 
-    async def handshake(self, timeout: float) -> None:
+    async def handshake(self, timeout: float, on_hello: Callable[[], None] | None = None) -> None:
         """Complete the handshake within `timeout` seconds (the whole handshake, not idle time:
-        a ClientHello dripped a byte at a time is cut at `timeout`, security.md §4 item 15)."""
+        a ClientHello dripped a byte at a time is cut at `timeout`, security.md §4 item 15).
+        `on_hello` is called once the client's whole ClientHello was read (the server answered)."""
         try:
             async with asyncio.timeout(timeout):
                 while True:
                     try:
                         self.ssl_object.do_handshake()
                     except ssl.SSLWantReadError:
-                        self._flush()
+                        if self._flush() and on_hello is not None:
+                            on_hello()
+                            on_hello = None
                         try:
                             data = await self.reader.read(READ_SIZE)
                         except OSError as exc:
