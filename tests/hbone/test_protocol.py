@@ -304,3 +304,53 @@ def test_client_survives_arbitrary_server_frames(frames: list[tuple[int, int, in
     c.receive_data(bytes(data))
     c.data_to_send()
     assert c.capacity >= 0
+
+
+def test_stream_over_the_concurrency_limit_is_refused_alone() -> None:
+    """RFC 9113 §5.1.2 (and ztunnel): the stream past SETTINGS_MAX_CONCURRENT_STREAMS gets
+    RST_STREAM(REFUSED_STREAM); the connection and the streams already open carry on, and a
+    slot freed later can be used again."""
+    from zerotunnel.hbone.protocol import HboneSettings
+
+    raw = _raw_client()
+    s = HboneServerConnection(settings=HboneSettings(max_concurrent_streams=3))
+    s.receive_data(raw.data_to_send(), 0.0)
+    raw.receive_data(s.data_to_send())
+    connect = [(":method", "CONNECT"), (":authority", "10.0.0.2:80")]
+    for sid in (1, 3, 5):
+        raw.send_headers(sid, connect)
+    # h2 will not send a 4th itself; the frame is built by hand with the client's HPACK encoder
+    fourth = HeadersFrame(7, raw.encoder.encode(connect), flags=["END_HEADERS"]).serialize()
+    raw.highest_outbound_stream_id = 7
+    events = s.receive_data(raw.data_to_send() + fourth, 0.0)
+    assert [e.stream_id for e in events if isinstance(e, ConnectRequest)] == [1, 3, 5]
+    assert s.closed is None
+    out = s.data_to_send()
+    assert RstStreamFrame(7, error_code=ErrorCodes.REFUSED_STREAM).serialize() in out
+    raw.receive_data(out)
+    # the open streams still work, and a freed slot is usable again (HPACK stayed in step)
+    s.respond(1, 200)
+    raw.receive_data(s.data_to_send())
+    raw.send_data(1, b"ping", end_stream=True)
+    events = s.receive_data(raw.data_to_send(), 0.0)
+    assert StreamData(1, b"ping", 4) in events
+    s.send_data(1, b"", end_stream=True)
+    raw.receive_data(s.data_to_send())
+    raw.send_headers(9, [*connect, ("x-after", "refusal")])
+    events = s.receive_data(raw.data_to_send(), 0.0)
+    req = [e for e in events if isinstance(e, ConnectRequest)]
+    assert [e.stream_id for e in req] == [9] and req[0].header(b"x-after") == b"refusal"
+
+
+def test_refusals_share_the_reset_budget() -> None:
+    from zerotunnel.hbone.protocol import HboneSettings
+
+    raw = _raw_client()
+    s = HboneServerConnection(settings=HboneSettings(max_concurrent_streams=1),
+                              limits=AbuseLimits(reset_burst=20, reset_rate=1))
+    s.receive_data(raw.data_to_send(), 0.0)
+    for i in range(100):
+        raw.send_headers(1 + 2 * i, [(":method", "CONNECT"), (":authority", "10.0.0.2:80")])
+    s.receive_data(raw.data_to_send(), 0.0)
+    assert s.closed is not None and s.closed.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert "refused streams" in s.closed.reason

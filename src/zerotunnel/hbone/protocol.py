@@ -170,13 +170,33 @@ class _GuardedH2Connection(h2.connection.H2Connection):
     10,000 HEADERS+RST_STREAM pairs fit in one 256 KiB read, 1.3 s of CPU on the event loop before
     the first budget check (tests/reliability/test_h2_abuse.py, rapid reset)."""
 
-    def __init__(self, config: h2.config.H2Configuration, guard: Callable[[Frame], None]) -> None:
+    def __init__(self, config: h2.config.H2Configuration, guard: Callable[[Frame], None],
+                 refused: Callable[[], None]) -> None:
         super().__init__(config=config)
         self._guard = guard
+        self._refused = refused
 
     def _receive_frame(self, frame: Frame) -> list[h2.events.Event]:
         self._guard(frame)
         return super()._receive_frame(frame)
+
+    def _receive_headers_frame(self, frame: HeadersFrame) -> tuple[list[Frame], list[h2.events.Event]]:
+        """RFC 9113 §5.1.2: a stream beyond SETTINGS_MAX_CONCURRENT_STREAMS is a *stream* error;
+        h2 makes it a connection error (TooManyStreamsError), so the 201st CONNECT took down the 200
+        tunnels beside it. Like ztunnel (the h2 crate), refuse that stream alone with
+        RST_STREAM(REFUSED_STREAM) — after decoding its header block, which keeps HPACK in step —
+        and let `refused` charge the abuse budget, since a refusal costs the peer nothing."""
+        if (frame.stream_id in self.streams
+                or self.open_inbound_streams < self.local_settings.max_concurrent_streams):
+            return super()._receive_headers_frame(frame)
+        self._refused()
+        headers = h2.connection._decode_headers(self.decoder, frame.data)
+        self.state_machine.process_input(h2.connection.ConnectionInputs.RECV_HEADERS)
+        stream = self._get_or_create_stream(
+            frame.stream_id, h2.connection.AllowedStreamIDs(not self.config.client_side))
+        stream.receive_headers(headers, "END_STREAM" in frame.flags, self.config.header_encoding)
+        self.reset_stream(frame.stream_id, ErrorCodes.REFUSED_STREAM)
+        return [], []
 
 
 @dataclass(slots=True)
@@ -205,7 +225,7 @@ class _HboneConnection:
     def __init__(self, *, client_side: bool, settings: HboneSettings, limits: AbuseLimits) -> None:
         self.settings = settings
         config = h2.config.H2Configuration(client_side=client_side, header_encoding=None)
-        conn = _GuardedH2Connection(config, self._guard)
+        conn = _GuardedH2Connection(config, self._guard, self._refused_stream)
         conn.local_settings = h2.settings.Settings(
             client=client_side,
             initial_values={
@@ -541,6 +561,12 @@ class _HboneConnection:
             return
         if not bucket.take(self._now):
             raise _OverBudget(f"too many {what}")
+
+    def _refused_stream(self) -> None:
+        """A stream over the concurrency limit is refused; refusals share the reset budget (the
+        h2 crate's "limit error resets")."""
+        if not self._resets.take(self._now):
+            raise _OverBudget("too many refused streams")
 
     def _over_budget(self, bucket: _TokenBucket, now: float, what: str) -> bool:
         if bucket.take(now):
