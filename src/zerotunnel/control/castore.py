@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -146,14 +147,43 @@ def write_files(files: dict[Path, tuple[bytes, int]]) -> None:
                 item.temp.unlink()
 
 
+_PEM_LINE = re.compile(rb"-----(BEGIN|END) ([A-Z0-9 ]+)-----")
+
+
+def check_pem_framing(data: bytes, what: str) -> None:
+    """Every `-----BEGIN X-----` closed by its `-----END X-----`, in order; InputError naming `what`.
+
+    A file cut short inside a PEM block (a half-written copy, a crash mid-rotation) still parses as the
+    blocks before the cut — `cryptography` skips an unterminated block silently — so a root bundle
+    truncated inside its second root would load as a one-root bundle, and the nodes whose certificates
+    chain to the lost root would be cut off (security.md §4 item 28). A cut exactly between two blocks
+    is a well-formed shorter file and cannot be told from one.
+    """
+    open_label: bytes | None = None
+    for match in _PEM_LINE.finditer(data):
+        kind, label = match.group(1), match.group(2)
+        if kind == b"BEGIN":
+            if open_label is not None:
+                raise InputError(f"{what}: truncated PEM: {open_label.decode()} block has no END line")
+            open_label = label
+        elif open_label != label:
+            raise InputError(f"{what}: malformed PEM: END {label.decode()} without its BEGIN line")
+        else:
+            open_label = None
+    if open_label is not None:
+        raise InputError(f"{what}: truncated PEM: {open_label.decode()} block has no END line")
+
+
 def _read(directory: Path, name: str) -> bytes:
     path = directory / name
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise InputError(f"{path}: missing") from None
     except OSError as exc:
         raise InputError(f"{path}: {exc.strerror}") from None
+    check_pem_framing(data, str(path))
+    return data
 
 
 def load_ca(directory: Path, now: datetime) -> CertificateAuthority:

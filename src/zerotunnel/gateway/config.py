@@ -15,9 +15,11 @@ import re
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from zerotunnel.config.model import Config, Gateway, HTTPRoute, Server, VirtualService
-from zerotunnel.errors import ZerotunnelError
+from zerotunnel.control.castore import check_pem_framing
+from zerotunnel.errors import InputError, ZerotunnelError
 
 SERVED_MODES = ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL")
 DEFAULT_GATEWAY_SA = "istio-ingressgateway-service-account"
@@ -61,6 +63,15 @@ def _get(data: dict[str, bytes], key: str, secret: str) -> bytes | None:
     return value
 
 
+def _pick(data: dict[str, bytes], names: tuple[str, ...], secret: str) -> tuple[str, bytes | None]:
+    """The first of `names` present in the Secret (generic keys win, §7.2) and its value."""
+    for name in names:
+        value = _get(data, name, secret)
+        if value is not None:
+            return name, value
+    return names[-1], None
+
+
 def tls_material(config: Config, namespace: str, credential: str, *, need_ca: bool) -> TlsMaterial:
     """§7.2 key lookup, with Istio's error texts."""
     secret = config.secret(namespace, credential)
@@ -68,36 +79,82 @@ def tls_material(config: Config, namespace: str, credential: str, *, need_ca: bo
         raise GatewayConfigError(f"secret {namespace}/{credential} not found")
     data = dict(secret.data)
     label = f"{namespace}/{credential}"
+    cert_name, key_name = "cert", "key"
     cert, key = _get(data, "cert", label), _get(data, "key", label)
     if cert is None or key is None:
+        cert_name, key_name = "tls.crt", "tls.key"
         cert, key = _get(data, "tls.crt", label), _get(data, "tls.key", label)
     if cert is None or key is None:
         raise GatewayConfigError(
             f"secret {label}: found secret, but didn't have expected keys (cert and key) or "
             f"(tls.crt and tls.key); found: {', '.join(sorted(data)) or 'nothing'}"
         )
-    ca = _get(data, "cacert", label) or _get(data, "ca.crt", label)
-    crl = _get(data, "crl", label) or _get(data, "ca.crl", label)
+    ca_name, ca = _pick(data, ("cacert", "ca.crt"), label)
+    crl_name, crl = _pick(data, ("crl", "ca.crl"), label)
     if ca is None:
         separate = config.secret(namespace, f"{credential}-cacert")
         if separate is not None:
             sdata = dict(separate.data)
-            ca = _get(sdata, "cacert", label + "-cacert") or _get(sdata, "ca.crt", label + "-cacert")
-            crl = crl or _get(sdata, "crl", label + "-cacert") or _get(sdata, "ca.crl", label + "-cacert")
+            ca_name, ca = _pick(sdata, ("cacert", "ca.crt"), label + "-cacert")
+            ca_name = f"{credential}-cacert {ca_name}"
+            if crl is None:
+                crl_name, crl = _pick(sdata, ("crl", "ca.crl"), label + "-cacert")
+                crl_name = f"{credential}-cacert {crl_name}"
     if need_ca and ca is None:
         raise GatewayConfigError(
             f"secret {label}: no CA certificates (ca.crt, cacert or {credential}-cacert) "
             "for client verification"
         )
     try:
-        x509.load_pem_x509_certificates(cert)
+        check_material(cert_name, cert, key_name, key)
         if ca is not None:
-            x509.load_pem_x509_certificates(ca)
+            check_ca_bundle(ca_name, ca)
         if crl is not None:
+            check_pem_framing(crl, crl_name)
             load_crls(crl)
-    except ValueError as exc:
-        raise GatewayConfigError(f"secret {label}: {exc}") from None
+    except (ValueError, InputError) as exc:
+        message = exc.message if isinstance(exc, InputError) else str(exc)
+        raise GatewayConfigError(f"secret {label}: {message}") from None
     return TlsMaterial(cert, key, ca, crl)
+
+
+def check_material(cert_name: str, cert_pem: bytes, key_name: str, key_pem: bytes) -> None:
+    """The server certificate and its key, checked before they replace the ones in service
+    (security.md §4 item 28; ghostunnel's reload-broken-certificate): a PEM cut short, a file that is
+    not PEM, a key that is not the certificate's — each named, so the last good pair stays."""
+    check_pem_framing(cert_pem, cert_name)
+    try:
+        certs = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError:
+        raise InputError(f"{cert_name}: no PEM certificate found") from None
+    check_pem_framing(key_pem, key_name)
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{key_name} is not an unencrypted PEM private key ({exc})") from None
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(serialization.Encoding.DER, spki) != certs[0].public_key().public_bytes(
+            serialization.Encoding.DER, spki):
+        raise InputError(f"{key_name} does not match {cert_name} ({certs[0].subject.rfc4514_string()})")
+
+
+def check_ca_bundle(name: str, pem: bytes) -> list[x509.Certificate]:
+    """A client-CA bundle: complete PEM, and CA certificates only — a leaf put there by mistake would
+    become a trust anchor that signs nothing, refusing every client of the CA it replaced."""
+    check_pem_framing(pem, name)
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise InputError(f"{name}: no PEM certificate found") from None
+    for cert in certs:
+        try:
+            is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if not is_ca:
+            raise InputError(f"{name}: {cert.subject.rfc4514_string()} is not a CA certificate "
+                             "(basicConstraints CA=false or missing)")
+    return certs
 
 
 _CRL_BLOCK = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.S)
