@@ -8,6 +8,8 @@ OpenSSL servers answer a client without a certificate on a MUTUAL port with the 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import ssl
 from pathlib import Path
 
@@ -94,3 +96,20 @@ async def test_revoked_certificate_is_closed_with_close_notify(gw: GatewayMesh) 
     assert code != 0 and "HTTP" not in body, (code, body, err)
     entries = [e for e in gw.logs if e.get("message") == "client certificate refused"]
     assert entries and "is revoked by" in str(entries[0]["error"]), gw.logs
+
+
+async def test_large_upload_over_the_gateways_tls(gw: GatewayMesh, tmp_path: Path) -> None:
+    """Many TLS records each way through `TlsChannel` (8 MiB up, HTTP/1.1 and HTTP/2)."""
+    cert, key = gw.ext.client_a.write(tmp_path, "partner")
+    body = tmp_path / "body.bin"
+    body.write_bytes(os.urandom(8 * 1024 * 1024))
+    for version in ("--http1.1", "--http2"):
+        proc = await asyncio.create_subprocess_exec(
+            "curl", "-sS", "--max-time", "60", version, "--cacert", str(gw.tmp / "server-ca.crt"),
+            "--resolve", f"{HOST}:{gw.mutual_port}:127.0.0.1", "--cert", str(cert), "--key", str(key),
+            "--data-binary", f"@{body}", f"https://{HOST}:{gw.mutual_port}/data",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err
+        assert json.loads(out)["body_bytes"] == 8 * 1024 * 1024, out[:300]

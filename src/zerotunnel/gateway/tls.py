@@ -23,6 +23,9 @@ from collections.abc import Callable
 from zerotunnel.errors import ZerotunnelError
 
 READ_SIZE = 256 * 1024
+PLAIN_READ = 64 * 1024
+"""Decrypted bytes per `recv`: `SSLObject.read(n)` allocates n bytes first; 64 KiB stays under
+malloc's mmap threshold, and the HTTP layer's own buffers take it from there."""
 LINGER = 1.0
 """Seconds a refused client gets to read the alert and close before the socket is dropped."""
 
@@ -115,7 +118,7 @@ class TlsChannel:
         """Decrypted bytes; b"" once the client sent close_notify or closed the socket."""
         while not self._eof:
             try:
-                data = self.ssl_object.read(READ_SIZE)
+                data = self.ssl_object.read(PLAIN_READ)
             except ssl.SSLWantReadError:
                 self._flush()
                 raw = await self.reader.read(READ_SIZE)
