@@ -470,12 +470,6 @@ def test_new_connections_per_second(mesh: LoadMesh, figures: Callable[..., None]
 POOL_HELD = 1_000
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "HbonePool._usable (node/hbone_client.py:235) walks the key's connections first-fit and asks each "
-    "for `capacity` (hbone/protocol.py:686), i.e. h2's open_outbound_streams, which iterates every "
-    "stream of that connection: with n tunnels held, each new tunnel costs O(n) (10,000 held: 100 full "
-    "connections x 100 streams visited per connect; the client-side proxy spent 5.2 ms CPU per connection "
-    "opening 10,000 vs 1.8 ms opening 2,000)"))
 async def test_pool_checkout_cost_does_not_grow_with_held_tunnels(
     env: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -716,7 +716,11 @@ class HboneClientConnection(_HboneConnection):
         if self.closed is not None:
             return 0
         peer_max = int(self._h2.remote_settings.max_concurrent_streams)
-        return max(0, min(self._max_streams, peer_max) - self._h2.open_outbound_streams)
+        # `len(self._out)`, not h2's `open_outbound_streams`, which walks every stream of the
+        # connection: the pool asks each connection per new tunnel, so with 10,000 tunnels held a
+        # connect visited all 10,000 (tests/reliability/test_load.py). A stream leaves `_out` when
+        # it is reset or both sides ended it, which is when h2 closes it too.
+        return max(0, min(self._max_streams, peer_max) - len(self._out))
 
     def _dispatch_role(self, ev: h2.events.Event, now: float, events: list[Event]) -> None:
         if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id is not None:
