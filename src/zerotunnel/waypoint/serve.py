@@ -339,6 +339,9 @@ class _H2Session:
         self.control_tokens = float(CONTROL_BURST)
         self.control_stamp = time.monotonic()
         self.sizes: dict[int, int] = {}
+        self.bodies: dict[int, list[bytes]] = {}
+        """Request body chunks, joined once at END_STREAM (`bytes +=` per DATA frame copied a 16 MiB
+        body ~1,000 times)."""
         self.body_clock: dict[int, tuple[float, float]] = {}
         """stream → (body started, last body byte), loop time, for the streams still receiving."""
         self.frame_pending_since: float | None = None
@@ -427,8 +430,7 @@ class _H2Session:
             if now >= body_deadline(start, last, self.sizes.get(sid, 0)):
                 log.info("HTTP/2 request body too slow on stream %d; 408 and reset", sid)
                 self.timed_out += 1
-                self.body_clock.pop(sid, None)
-                self.requests.pop(sid, None)
+                self._forget(sid)
                 self._spawn(self._respond(sid, None, text_response(408, "request body timeout\n"),
                                           reset=h2.errors.ErrorCodes.NO_ERROR))
         self._arm()
@@ -456,6 +458,7 @@ class _H2Session:
                 scheme=self.scheme,
             )
             self.sizes[event.stream_id] = 0
+            self.bodies[event.stream_id] = []
             if event.stream_ended is None:
                 now = self.loop.time()
                 self.body_clock[event.stream_id] = (now, now)
@@ -470,21 +473,21 @@ class _H2Session:
             if sid in self.body_clock:
                 self.body_clock[sid] = (self.body_clock[sid][0], self.loop.time())
             if self.sizes[sid] > MAX_BODY_BYTES:
-                self.requests.pop(sid, None)
-                self.body_clock.pop(sid, None)
+                self._forget(sid)
                 self._spawn(self._respond(sid, None, text_response(413, "payload too large\n")))
                 return
-            request.body += event.data
+            self.bodies[sid].append(event.data)
         elif isinstance(event, h2.events.StreamEnded):
             assert event.stream_id is not None
-            request = self.requests.pop(event.stream_id, None)
-            self.body_clock.pop(event.stream_id, None)
+            request = self.requests.get(event.stream_id)
+            if request is not None:
+                request.body = b"".join(self.bodies.get(event.stream_id, ()))
+            self._forget(event.stream_id)
             if request is not None:
                 self.handling[event.stream_id] = self._spawn(self._handle(event.stream_id, request))
         elif isinstance(event, h2.events.StreamReset):
             assert event.stream_id is not None
-            self.requests.pop(event.stream_id, None)
-            self.body_clock.pop(event.stream_id, None)
+            self._forget(event.stream_id)
             task = self.handling.pop(event.stream_id, None)
             if task is not None:
                 task.cancel()
@@ -495,6 +498,13 @@ class _H2Session:
                 self._count_control()
         elif isinstance(event, h2.events.PingReceived):
             self._count_control()
+
+    def _forget(self, sid: int) -> None:
+        """The stream receives no more request bytes (ended, reset, refused)."""
+        self.requests.pop(sid, None)
+        self.body_clock.pop(sid, None)
+        self.sizes.pop(sid, None)
+        self.bodies.pop(sid, None)
 
     def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
