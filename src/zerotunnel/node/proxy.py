@@ -108,6 +108,7 @@ class PodProxy:
     _hbone_closing: asyncio.Task[None] | None = None
     not_after: datetime | None = None
     _expiry_reported: bool = False
+    _old_expiry: dict[int, tuple[WorkloadCredentials, datetime]] = field(default_factory=dict)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -184,6 +185,10 @@ class PodProxy:
         return max(at_start - cut, 0), cut
 
     def update_credentials(self, credentials: WorkloadCredentials) -> None:
+        if self.not_after is not None:  # pooled connections made with it are judged by its expiry
+            self._old_expiry[id(self.credentials)] = (self.credentials, self.not_after)
+            while len(self._old_expiry) > 8:
+                del self._old_expiry[next(iter(self._old_expiry))]
         self.credentials = credentials
         self.not_after = credentials.not_after
         if self._expiry_reported:
@@ -224,8 +229,17 @@ class PodProxy:
             if conn.retired:
                 continue
             if (conn.peer is not None and conn.peer.not_after < now) or (
-                    conn.creds is not self.credentials and conn.creds.not_after < now):
+                    conn.creds is not self.credentials and self._expiry_of(conn.creds) < now):
                 conn.retired = True
+
+    def _expiry_of(self, creds: WorkloadCredentials) -> datetime:
+        """NotAfter of an earlier certificate of ours, parsed once (this runs for every new tunnel)."""
+        known = self._old_expiry.get(id(creds))
+        if known is not None and known[0] is creds:
+            return known[1]
+        not_after = creds.not_after
+        self._old_expiry[id(creds)] = (creds, not_after)
+        return not_after
 
     def workload(self) -> Workload | None:
         snapshot = self.node.snapshot
