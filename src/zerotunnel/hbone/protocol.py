@@ -213,6 +213,8 @@ _PROTOCOL_ERRORS = (h2.exceptions.ProtocolError, HyperframeError, HPACKError)
 _FRAME_HEADER = struct.Struct(">BHBBL")
 _FRAME_HEADER_LEN = 9
 _DATA_FRAME_TYPE = 0x0
+_WINDOW_UPDATE_FRAME_TYPE = 0x8
+_WINDOW_INCREMENT = struct.Struct(">L")
 # h2's state tables (stream.py): RECV_DATA is legal in these states, SEND_DATA in the others below.
 _RECV_DATA_STATES = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL})
 _SEND_DATA_STATES = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
@@ -426,9 +428,22 @@ class _HboneConnection:
 
     def acknowledge(self, stream_id: int, length: int) -> None:
         """The app consumed `length` flow-controlled bytes: reopen the window (backpressure)."""
-        if self.closed is None and length > 0:
-            with contextlib.suppress(*_PROTOCOL_ERRORS):
-                self._h2.acknowledge_received_data(length, stream_id)
+        if self.closed is not None or length <= 0:
+            return
+        conn = self._h2
+        stream = conn.streams.get(stream_id) if self._lean else None
+        if stream is not None and stream.open:
+            # h2's `acknowledge_received_data` without its frame objects (once per relayed
+            # message, §4 lean path): the same window managers decide, WINDOW_UPDATE bytes direct.
+            for sid, manager in ((0, conn._inbound_flow_control_window_manager),
+                                 (stream_id, stream._inbound_window_manager)):
+                increment = manager.process_bytes(length)
+                if increment:
+                    conn._data_to_send += _FRAME_HEADER.pack(0, 4, _WINDOW_UPDATE_FRAME_TYPE, 0, sid)
+                    conn._data_to_send += _WINDOW_INCREMENT.pack(increment)
+            return
+        with contextlib.suppress(*_PROTOCOL_ERRORS):
+            conn.acknowledge_received_data(length, stream_id)
 
     def reset_stream(self, stream_id: int, error_code: int = ErrorCodes.CANCEL) -> None:
         """Abort one tunnel (the TCP side was reset or failed)."""
