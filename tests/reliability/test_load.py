@@ -502,5 +502,10 @@ async def test_pool_checkout_cost_does_not_grow_with_held_tunnels(
     finally:
         for stream in streams:
             stream.abort()
+        for _ in range(100):  # let the app's handlers see their connections end before the loop closes
+            if not server.live:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
         await env.aclose()
     assert per_connect <= 3 * MAX_STREAMS_PER_CONNECTION, f"{per_connect} streams visited for one connect"
