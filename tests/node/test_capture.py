@@ -269,6 +269,14 @@ def test_in_netns_always_switches_back(plan: NetworkPlan) -> None:
             pytest.raises(NetnsError, match="cannot listen"):
         open_listener_in_netns(a.netns, "0.0.0.0", 15001)
     assert _netns_inode() == before
+    # nested: the inner exit returns to the outer namespace, not to the thread's home one
+    b = plan.pod("ns2", "c")
+    with in_netns(a.netns):
+        inside_a = _netns_inode()
+        with in_netns(b.netns):
+            assert _netns_inode() not in (before, inside_a)
+        assert _netns_inode() == inside_a
+    assert _netns_inode() == before
 
 
 @pytest.mark.e2e
