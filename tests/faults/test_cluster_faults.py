@@ -212,6 +212,8 @@ def test_soak_mixed_traffic_through_the_seed(seed: str, figures: Callable[..., N
         b_get_ms={"p50": pct(allowed, 0.5), "p99": pct(allowed, 0.99), "max": pct(allowed, 1.0)},
         gateway_ok_ms={"p50": pct(gw_ok, 0.5), "p99": pct(gw_ok, 0.99), "max": pct(gw_ok, 1.0)},
         b_get_p50_ms_q2_q4=[pct(q2, 0.5), pct(q4, 0.5)],
+        # ten points over the run: a slow leak climbs steadily, allocator growth levels off
+        rss_kib_series={n: [s[n][0] for _, s in samples[:: max(1, len(samples) // 10)]] for n in pids},
     )
     assert len(results) >= SOAK_SECONDS, f"only {len(results)} requests"
     assert len(results) >= 0.95 * 6 * SOAK_RATE * SOAK_SECONDS, f"rate not held: {len(results)} requests"
