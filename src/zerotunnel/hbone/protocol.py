@@ -290,7 +290,7 @@ class _HboneConnection:
         self._h2._data_to_send = bytearray()
         return out
 
-    def receive_data(self, data: bytes | memoryview, now: float = 0.0) -> list[Event]:
+    def receive_data(self, data: bytes | bytearray | memoryview, now: float = 0.0) -> list[Event]:
         """Feed bytes from the wire. Never raises on bad input: a protocol error or abuse becomes a
         GOAWAY (queued in `data_to_send`) and a final `ConnectionClosed` event. `data` may be a
         view of the caller's buffer: it is copied before this returns, and no event refers to it."""
@@ -314,14 +314,14 @@ class _HboneConnection:
             events.append(self.closed)
         return events
 
-    def _receive_h2(self, data: bytes | memoryview, events: list[Event]) -> None:
+    def _receive_h2(self, data: bytes | bytearray | memoryview, events: list[Event]) -> None:
         """Bytes through h2 and its events through `_dispatch`, stopping once the connection closed."""
         for ev in self._h2.receive_data(data):
             self._dispatch(ev, self._now, events)
             if self.closed is not None:
                 return
 
-    def _receive_lean(self, data: bytes | memoryview, events: list[Event]) -> None:
+    def _receive_lean(self, data: bytes | bytearray | memoryview, events: list[Event]) -> None:
         """performance.md §4 ("a lean DATA path beside h2"): h2 spends ~22 µs of pure Python per
         received DATA frame (frame object, two state machines, events) — a third of a node proxy's
         CPU per keep-alive request. Here the wire is cut into frames and a DATA frame that needs no
