@@ -255,6 +255,33 @@ def test_tls12_client_refused(env: Env) -> None:
     assert 'istio_tls_handshake_failures_total{direction="inbound"' in env.metrics.render().decode()
 
 
+def test_handshake_gate_refuses_before_any_certificate(env: Env) -> None:
+    """While the gate says no (the pod's certificate expired, security.md §4 item 25) a client gets a
+    handshake_failure alert and no server certificate; once it says yes, handshakes succeed again."""
+    allowed = [False]
+
+    async def main() -> list[bool]:
+        server = await env.server()
+        server.set_handshake_gate(lambda: allowed[0])
+        outcomes = []
+        for _ in range(2):
+            try:
+                _, writer = await asyncio.open_connection(*server.address, ssl=client_context(env.client_creds),
+                                                          server_hostname="")
+            except ssl.SSLError as exc:
+                assert "HANDSHAKE_FAILURE" in str(exc).upper(), exc
+                outcomes.append(False)
+            else:
+                writer.close()
+                outcomes.append(True)
+            allowed[0] = True
+        await asyncio.sleep(0.05)
+        await env.aclose()
+        return outcomes
+
+    assert run(main()) == [False, True]
+
+
 def test_garbage_instead_of_tls_is_contained(env: Env) -> None:
     async def main() -> None:
         server = await env.server()

@@ -192,6 +192,17 @@ class HboneServer:
         name = self._server.sockets[0].getsockname()
         return str(name[0]), int(name[1])
 
+    def set_handshake_gate(self, may_handshake: Callable[[], bool]) -> None:
+        """Ask `may_handshake()` at every ClientHello (the SNI callback runs with or without SNI);
+        False refuses the handshake with a handshake_failure alert before any certificate is sent —
+        the node proxy's gate for a pod whose certificate expired while the CA was unreachable."""
+
+        def on_client_hello(_obj: ssl.SSLObject | ssl.SSLSocket, _name: str | None,
+                            _ctx: ssl.SSLContext) -> int | None:
+            return None if may_handshake() else ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
+
+        self._ctx.sni_callback = on_client_hello
+
     def update_credentials(self, credentials: WorkloadCredentials) -> None:
         """Certificate rotation: new handshakes present the new chain; verification uses its bundle."""
         update_context(self._ctx, credentials)

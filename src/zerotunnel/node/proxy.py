@@ -19,7 +19,6 @@ import itertools
 import logging
 import os
 import secrets
-import ssl
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -136,9 +135,8 @@ class PodProxy:
             access_log=self.node.access_log,
         )
         self.not_after = self.credentials.not_after
-        # The ClientHello callback runs for every handshake (SNI or not): it refuses the handshake while
-        # the pod's certificate is expired, so 15008 never presents one (security.md §4 item 25).
-        self.hbone._ctx.sni_callback = self._client_hello
+        # 15008 never presents an expired certificate (security.md §4 item 25).
+        self.hbone.set_handshake_gate(lambda: self.certificate_problem() is None)
         await self.hbone.start(sock=open_listener_in_netns(self.netns, BIND_ALL, 15008, blocking=False))
         out_sock = open_listener_in_netns(self.netns, BIND_ALL, OUTBOUND_CAPTURE_PORT, blocking=False)
         in_sock = open_listener_in_netns(self.netns, BIND_ALL, INBOUND_PLAINTEXT_PORT, blocking=False)
@@ -220,13 +218,6 @@ class PodProxy:
             self._expiry_reported = True
             log.error("%s; refusing %s's tunnels until a new certificate arrives", reason, self.uid)
         return reason
-
-    def _client_hello(
-        self, _obj: ssl.SSLObject | ssl.SSLSocket, _server_name: str | None, _ctx: ssl.SSLContext
-    ) -> int | None:
-        if self.certificate_problem() is None:
-            return None
-        return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
 
     def _retire_stale(self, key: PoolKey) -> None:
         """No new tunnel on a pooled connection authenticated by a certificate that has since expired
