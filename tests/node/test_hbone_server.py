@@ -266,8 +266,8 @@ def test_handshake_gate_refuses_before_any_certificate(env: Env) -> None:
         outcomes = []
         for _ in range(2):
             try:
-                _, writer = await asyncio.open_connection(*server.address, ssl=client_context(env.client_creds),
-                                                          server_hostname="")
+                ctx = client_context(env.client_creds)
+                _, writer = await asyncio.open_connection(*server.address, ssl=ctx, server_hostname="")
             except ssl.SSLError as exc:
                 assert "HANDSHAKE_FAILURE" in str(exc).upper(), exc
                 outcomes.append(False)
