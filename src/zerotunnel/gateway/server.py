@@ -13,21 +13,24 @@ The TLS front is hardened as security.md §3 asks of every listener: TLS runs on
 memory BIO (tls.py) so a refused handshake sends its alert (TLS 1.3 `certificate_required` to a client
 without a certificate, as Envoy does); the whole handshake must finish within `handshake_timeout`;
 each listener caps its open connections and its pending handshakes. When the pending-handshake cap is
-reached a pending handshake is dropped for the new one, not the new one refused: the oldest of those
-whose ClientHello is still incomplete (silent or dripping sockets), else the oldest. A real client's
-ClientHello arrives with its first packet and its handshake lasts milliseconds; a flood's sockets
-sit until the timeout, so the flood evicts itself and cannot starve real clients (refusing the new
-socket would lock them out until the flood's sockets time out).
+reached a pending handshake is dropped for the new one, not the new one refused: the oldest that has
+shown no complete ClientHello (silent or dripping sockets), see `_victim`. A real client's ClientHello
+arrives with its first packet and its handshake lasts milliseconds; a flood's sockets sit until the
+timeout, so the flood evicts itself and cannot starve real clients (refusing the new socket would lock
+them out until the flood's sockets time out).
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import fcntl
 import functools
 import logging
 import os
 import ssl
+import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -179,6 +182,35 @@ class ListenerLoad:
     peak_pending: int = 0
 
 
+def _unread_bytes(writer: asyncio.StreamWriter) -> int:
+    """Bytes waiting in the socket's receive queue (FIONREAD): a ClientHello that arrived but whose
+    handshake task has not run yet (one event-loop iteration can accept hundreds of sockets)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return 0
+    buf = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+    except OSError:
+        return 0
+    return buf[0]
+
+
+def _victim(load: ListenerLoad) -> asyncio.StreamWriter:
+    """The pending socket to drop: the oldest that has shown no complete ClientHello (neither
+    processed nor waiting unread: silent, or dripping into our buffer), else the oldest without a
+    processed ClientHello, else the oldest. Silent flood sockets are found first, in O(1) for
+    the usual flood; a client whose ClientHello came with its first packet is dropped last."""
+    unprocessed: asyncio.StreamWriter | None = None
+    for writer in load.pending:
+        if writer in load.hello:
+            continue
+        if _unread_bytes(writer) == 0:
+            return writer
+        unprocessed = unprocessed or writer
+    return unprocessed or next(iter(load.pending))
+
+
 class IngressGateway:
     def __init__(
         self,
@@ -307,22 +339,21 @@ class IngressGateway:
         task.add_done_callback(self._conns.discard)
 
     def _admit(self, load: ListenerLoad) -> bool:
-        """Room for one more socket: evict the oldest pending handshake when the pending cap (or the
-        connection cap) is reached; refuse only when every open socket is past its handshake.
+        """Room for one more socket: evict a pending handshake (`_victim`) when the pending cap or
+        the connection cap is reached; refuse only when every open socket is past its handshake.
         Refusals and evictions are counted in the metrics, not logged: a flood must not become a
         log flood."""
         while load.pending and (
             len(load.pending) >= self.max_pending_handshakes or load.open >= self.max_connections
         ):
-            oldest = next((w for w in load.pending if w not in load.hello), None)
-            if oldest is None:
-                oldest = next(iter(load.pending))
-            del load.pending[oldest]
-            load.hello.discard(oldest)
-            load.evicted.add(oldest)
+            victim = _victim(load)
+            del load.pending[victim]
+            load.hello.discard(victim)
+            load.evicted.add(victim)
+            load.open -= 1
             load.evictions += 1
             self.metrics.handshake_failed("inbound", "evicted")
-            oldest.transport.abort()
+            victim.transport.abort()
         return load.open < self.max_connections and len(load.pending) < self.max_pending_handshakes
 
     def _event(self, message: str, **fields: object) -> None:
@@ -334,10 +365,12 @@ class IngressGateway:
         try:
             await self._serve_connection(reader, writer, port, load)
         finally:
-            load.open -= 1
+            if writer in load.evicted:  # already uncounted by `_admit`
+                load.evicted.discard(writer)
+            else:
+                load.open -= 1
             load.pending.pop(writer, None)
             load.hello.discard(writer)
-            load.evicted.discard(writer)
 
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int, load: ListenerLoad
