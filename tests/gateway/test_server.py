@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import ssl
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
 from tests.gateway.conftest import (
+    HOST,
     ExternalPki,
     GatewayMesh,
     b64,
@@ -338,3 +340,32 @@ spec:
         assert any("client certificate required" in r for r in _refusals(m))
     finally:
         await m.close()
+
+
+async def test_connection_cap_evicts_a_silent_socket_for_a_client(gw: GatewayMesh, tmp_path: Path) -> None:
+    """At the connection cap with a socket still silent in its handshake, a new client takes that
+    socket's place (security.md §3 caps; the silent one is the flood's); established connections
+    are untouched."""
+    gw.gateway.max_connections = 3
+    cert, key = gw.ext.client_a.write(tmp_path, "partner")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(str(gw.tmp / "server-ca.crt"))
+    ctx.load_cert_chain(str(cert), str(key))
+
+    async def get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+        writer.write(f"GET /data HTTP/1.1\r\nhost: {HOST}\r\n\r\n".encode())
+        return (await asyncio.wait_for(reader.read(65536), 5))[:12]
+
+    held = [await asyncio.open_connection("127.0.0.1", gw.mutual_port, ssl=ctx, server_hostname=HOST)
+            for _ in range(2)]
+    assert [await get(r, w) for r, w in held] == [b"HTTP/1.1 200"] * 2
+    silent_reader, silent_writer = await asyncio.open_connection("127.0.0.1", gw.mutual_port)
+    await asyncio.sleep(0.1)
+    fresh = await asyncio.open_connection("127.0.0.1", gw.mutual_port, ssl=ctx, server_hostname=HOST)
+    assert await get(*fresh) == b"HTTP/1.1 200"
+    assert await asyncio.wait_for(silent_reader.read(), 5) == b""  # dropped
+    assert [await get(r, w) for r, w in held] == [b"HTTP/1.1 200"] * 2
+    load = gw.gateway.load[gw.mutual_port]
+    assert (load.evictions, load.refused, load.open) == (1, 0, 3)
+    for _, writer in [*held, fresh, (silent_reader, silent_writer)]:
+        writer.transport.abort()
