@@ -538,12 +538,6 @@ CLOSED_STREAMS = 2_000
 CLOSED_KEEP_BOUND = 1_024
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "h2 keeps a record of every closed stream (H2Connection._closed_streams, a SizeLimitDict of "
-    "MAX_CLOSED_STREAMS = 65,536 entries, ~107 B each) on both ends of a pooled HBONE connection: "
-    "~7 MiB per connection before it levels off, and RSS rising ~120 B per tunnel until then (the seed "
-    "soak's +3 MiB on node-2, test_load's churn). hbone/protocol.py's H2 subclass could set a small "
-    "MAX_CLOSED_STREAMS (frames for a forgotten stream are still refused with STREAM_CLOSED)"))
 async def test_closed_stream_records_per_hbone_connection_are_bounded(env: Any) -> None:
     """CLOSED_STREAMS tunnels opened and closed over one pooled connection: the state h2 keeps about
     streams that are gone stays within CLOSED_KEEP_BOUND entries."""

@@ -188,6 +188,13 @@ class _GuardedH2Connection(h2.connection.H2Connection):
     10,000 HEADERS+RST_STREAM pairs fit in one 256 KiB read, 1.3 s of CPU on the event loop before
     the first budget check (tests/reliability/test_h2_abuse.py, rapid reset)."""
 
+    # h2 remembers how each closed stream closed (to answer late frames: RST_STREAM vs ignore) for
+    # the last 65,536 streams, ~107 B each: ~7 MiB per pooled connection, which is the slow RSS climb
+    # the seed soak showed (tests/reliability/test_load.py). Late frames arrive within milliseconds;
+    # 1,024 streams is seconds of history even under churn. A frame for a forgotten stream is still
+    # handled: WINDOW_UPDATE and RST_STREAM ignored, DATA refused with STREAM_CLOSED.
+    MAX_CLOSED_STREAMS = 1024
+
     def __init__(self, config: h2.config.H2Configuration, guard: Callable[[Frame], None],
                  refused: Callable[[], None]) -> None:
         super().__init__(config=config)
