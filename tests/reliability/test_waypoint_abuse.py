@@ -804,10 +804,9 @@ async def test_waypoint_listener_under_connection_flood(
     """Silent sockets, garbage and ClientHellos dripped a byte a second against the waypoint's 15008
     (handshake timeout 2 s here, 10 s by default), while app-b opens a new mTLS connection per
     request. Below the pending-handshake cap: 100%. Above it the listener (the node proxy's
-    `HboneServer`) resets *new* sockets while the flood's are pending, so app-b's handshakes fail
-    until the timeout reaps the flood (docs/RELIABILITY.md open finding 9: the gateway evicts the
-    oldest pending handshake instead and keeps 100%); what must hold here is that they succeed
-    again as soon as the flood is reaped, and nothing stays pending."""
+    `HboneServer`) drops the oldest silent pending socket to admit a new one, as the gateway does
+    (open finding 9, fixed): app-b keeps ≥ 99 % (a probe accepted mid-burst before its ClientHello
+    left can itself be the oldest silent socket), and nothing stays pending."""
     from tests.reliability.test_gateway_abuse import run_flooder
 
     server = mesh.waypoint.server
@@ -836,7 +835,8 @@ async def test_waypoint_listener_under_connection_flood(
     summary: dict[str, Any] = {
         "cap": cap, "handshake_timeout_s": 2.0, "silent": silent, "slow_hello": slow, "garbage": 20,
         "silent_closed": len(silent_closed), "max_reap_s": round(max(silent_closed), 2),
-        "refused_at_accept": server.refused_sockets, "flood_s": round(flood_s, 2),
+        "refused_at_accept": server.refused_sockets, "evicted": server.evicted_sockets,
+        "flood_s": round(flood_s, 2),
         "baseline": base.stats(), "during": legit.stats(), "after": after.stats(),
     }
     figures(target="waypoint-15008", scenario=f"connection-flood-cap-{cap}", **summary)
@@ -844,4 +844,6 @@ async def test_waypoint_listener_under_connection_flood(
     assert summary["after"]["success_rate"] == 1.0, summary
     if silent + slow + 20 < cap:
         assert summary["during"]["success_rate"] == 1.0, summary
+    else:
+        assert summary["during"]["success_rate"] >= 0.99, summary
     assert server.pending_handshakes == 0, summary

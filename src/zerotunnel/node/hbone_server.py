@@ -165,6 +165,8 @@ class HboneServer:
         self.open_sockets = 0
         self.pending_handshakes = 0
         self.refused_sockets = 0
+        self.evicted_sockets = 0
+        self._handshaking: dict[_ServerConnection, None] = {}  # in accept order, oldest first
         self._ctx = server_context(credentials)
         self.metrics.set_cert_expiry(str(credentials.identity), credentials.not_after)
         self._server: asyncio.Server | None = None
@@ -396,16 +398,27 @@ class HboneServer:
         self.metrics.connection_failed_early(self._labels(record, peer, None, {}, "-"))
         self.access_log.complete(record)
 
-    def admit(self) -> bool:
-        """A socket was accepted: count it, or refuse it when a cap is reached (metric only, no
-        access-log line, so a flood cannot turn into a log flood)."""
-        full = self.open_sockets >= self.max_connections
-        if full or self.pending_handshakes >= self.max_pending_handshakes:
+    def admit(self, conn: _ServerConnection) -> bool:
+        """A socket was accepted: count it, or refuse it at the connection cap (metric only, no
+        access-log line, so a flood cannot turn into a log flood). At the pending-handshake cap the
+        newcomer is admitted and the oldest socket still in its handshake is dropped instead —
+        preferring one that has not sent a byte (an honest client sends its ClientHello at once).
+        Refusing the newcomer let a flood that keeps the cap full lock every new client out until
+        the flood's sockets timed out (docs/RELIABILITY.md open finding 9); the gateway does the same."""
+        if self.open_sockets >= self.max_connections:
             self.refused_sockets += 1
             self.metrics.handshake_failed("inbound", "overload")
             return False
+        if self.pending_handshakes >= self.max_pending_handshakes and self._handshaking:
+            victim = next((c for c in self._handshaking if not c.heard_from), None)
+            if victim is None:
+                victim = next(iter(self._handshaking))
+            self.evicted_sockets += 1
+            self.metrics.handshake_failed("inbound", "overload")
+            victim.evict()
         self.open_sockets += 1
         self.pending_handshakes += 1
+        self._handshaking[conn] = None
         return True
 
     def handshake_failed(self, conn: _ServerConnection, reason: str, label: str) -> None:
@@ -427,19 +440,32 @@ class _ServerConnection(HboneConnectionProtocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self._admitted = False
         self._handshaking = False
+        self.heard_from = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self.server.admit():
+        if not self.server.admit(self):
             self.closed = True
             cast(asyncio.Transport, transport).abort()  # uvloop transports are duck-typed alike
             return
         self._admitted = self._handshaking = True
         super().connection_made(transport)
 
+    def data_received(self, data: bytes) -> None:
+        self.heard_from = True
+        super().data_received(data)
+
+    def evict(self) -> None:
+        """Dropped at the pending-handshake cap to make room for a newer socket."""
+        self._handshake_over()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
     def _handshake_over(self) -> None:
         if self._handshaking:
             self._handshaking = False
             self.server.pending_handshakes -= 1
+            self.server._handshaking.pop(self, None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
