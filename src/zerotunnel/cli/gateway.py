@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from zerotunnel.cli.options import admin_endpoints, listen_or_off, listener_limits
+
 
 @click.command("gateway")
 @click.option(
@@ -35,42 +37,10 @@ import click
     show_default=True,
     help="Address the Gateway's server ports listen on.",
 )
-@click.option(
-    "--metrics",
-    "metrics_addr",
-    default="0.0.0.0:15020",
-    show_default=True,
-    help="Prometheus metrics; 'off' disables.",
-)
-@click.option(
-    "--readiness",
-    "ready_addr",
-    default="0.0.0.0:15021",
-    show_default=True,
-    help="Readiness probe (/healthz/ready); 'off' disables.",
-)
-@click.option(
-    "--handshake-timeout",
-    default=10.0,
-    show_default=True,
-    type=click.FloatRange(min=0.1),
-    help="Seconds a client has to complete its TLS handshake (the whole handshake, not idle time).",
-)
-@click.option(
-    "--max-connections",
-    default=4096,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Open connections per listener; beyond it the oldest pending handshake is dropped, or, "
-    "when none is pending, the new socket is reset.",
-)
-@click.option(
-    "--max-pending-handshakes",
-    default=256,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Sockets per listener still in their TLS handshake (unauthenticated); at the cap the "
-    "oldest pending one is dropped.",
+@admin_endpoints
+@listener_limits(
+    "Open connections per listener; beyond it the oldest pending handshake is dropped, or, "
+    "when none is pending, the new socket is reset."
 )
 def gateway(
     paths: tuple[Path, ...],
@@ -90,7 +60,6 @@ def gateway(
     One JSON access-log line per request (and per refused handshake) goes to stdout.
     """
     from zerotunnel.gateway.main import GatewayOptions, parse_gateway, run
-    from zerotunnel.node import admin
 
     run(
         GatewayOptions(
@@ -99,8 +68,8 @@ def gateway(
             gateway=parse_gateway(gateway),
             addresses=addresses,
             listen_host=listen_host,
-            metrics=None if metrics_addr == "off" else admin.parse_listen(metrics_addr, what="--metrics"),
-            readiness=None if ready_addr == "off" else admin.parse_listen(ready_addr, what="--readiness"),
+            metrics=listen_or_off(metrics_addr, "--metrics"),
+            readiness=listen_or_off(ready_addr, "--readiness"),
             handshake_timeout=handshake_timeout,
             max_connections=max_connections,
             max_pending_handshakes=max_pending_handshakes,

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from zerotunnel.cli.options import admin_endpoints, listen_or_off, listener_limits
+
 
 @click.command("waypoint")
 @click.option(
@@ -35,43 +37,9 @@ import click
     help='JSON {"pod_ips": {"ns/name": ip}, "service_vips": {"ns/name": vip}}; watched.',
 )
 @click.option("--listen", default="0.0.0.0:15008", show_default=True, help="HBONE listener.")
-@click.option(
-    "--metrics",
-    "metrics_addr",
-    default="0.0.0.0:15020",
-    show_default=True,
-    help="Prometheus metrics (istio_requests_total, ...); 'off' disables.",
-)
-@click.option(
-    "--readiness",
-    "ready_addr",
-    default="0.0.0.0:15021",
-    show_default=True,
-    help="Readiness probe (/healthz/ready); 'off' disables.",
-)
 @click.option("--drain", default=5.0, show_default=True, help="Seconds live tunnels get on SIGTERM.")
-@click.option(
-    "--handshake-timeout",
-    default=10.0,
-    show_default=True,
-    type=click.FloatRange(min=0.1),
-    help="Seconds a client has to complete its TLS handshake (the whole handshake, not idle time).",
-)
-@click.option(
-    "--max-connections",
-    default=4096,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Open connections per listener; beyond it new sockets are reset at accept.",
-)
-@click.option(
-    "--max-pending-handshakes",
-    default=256,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Sockets per listener still in their TLS handshake (unauthenticated); beyond it new "
-    "sockets are reset.",
-)
+@admin_endpoints
+@listener_limits("Open connections per listener; beyond it new sockets are reset at accept.")
 def waypoint(
     gateway: str,
     paths: tuple[Path, ...],
@@ -100,8 +68,8 @@ def waypoint(
             ca_dir=ca_dir,
             addresses=addresses,
             listen=admin.parse_listen(listen, what="--listen"),
-            metrics=None if metrics_addr == "off" else admin.parse_listen(metrics_addr, what="--metrics"),
-            readiness=None if ready_addr == "off" else admin.parse_listen(ready_addr, what="--readiness"),
+            metrics=listen_or_off(metrics_addr, "--metrics"),
+            readiness=listen_or_off(ready_addr, "--readiness"),
             drain_seconds=drain,
             handshake_timeout=handshake_timeout,
             max_connections=max_connections,
