@@ -354,3 +354,23 @@ def test_refusals_share_the_reset_budget() -> None:
     s.receive_data(raw.data_to_send(), 0.0)
     assert s.closed is not None and s.closed.error_code == ErrorCodes.ENHANCE_YOUR_CALM
     assert "refused streams" in s.closed.reason
+
+
+def test_per_tunnel_headers_are_not_indexed() -> None:
+    """traceparent/forwarded change on every tunnel: sent as never-indexed literals (no Huffman), so
+    the HPACK dynamic table keeps only what repeats, and the server still reads every value."""
+    c, s = HboneClientConnection(), HboneServerConnection()
+    pump(c, s)
+    seen = []
+    for i in range(50):
+        tp = b"00-" + b"%032x" % i + b"-" + b"%016x" % i + b"-01"
+        c.open_connect("10.0.0.2:80", [(b"baggage", b"k8s.namespace.name=ns"),
+                                       (b"forwarded", b"for=10.0.0.1:%d" % (1000 + i)), (b"traceparent", tp)])
+        _, se = pump(c, s)
+        seen += [(e.header(b"traceparent"), e.header(b"forwarded"))
+                 for e in se if isinstance(e, ConnectRequest)]
+    assert seen == [(b"00-" + b"%032x" % i + b"-" + b"%016x" % i + b"-01", b"for=10.0.0.1:%d" % (1000 + i))
+                    for i in range(50)]
+    names = {bytes(n) for n, _ in c._h2.encoder.header_table.dynamic_entries}
+    assert b"traceparent" not in names and b"forwarded" not in names
+    assert b"baggage" in names
