@@ -214,14 +214,15 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         destroy_network(cluster)
 
 
-def _node_argv(plan: Any, node: str, tmp: Path, config_dir: Path, drain: float = 0.5) -> list[str]:
+def _node_argv(plan: Any, node: str, tmp: Path, config_dir: Path, drain: float = 0.5,
+               extra: tuple[str, ...] = ()) -> list[str]:
     argv: list[str] = E2E._node_command("control", plan, node, tmp, config_dir)
     i = argv.index("--drain")
     argv[i + 1] = f"{drain:g}"
-    return argv
+    return [*argv, *extra]
 
 
-def _restart_node(mesh: Any, node: str, drain: float = 0.5) -> None:
+def _restart_node(mesh: Any, node: str, drain: float = 0.5, extra: tuple[str, ...] = ()) -> None:
     proc = mesh.procs[node]
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -233,7 +234,7 @@ def _restart_node(mesh: Any, node: str, drain: float = 0.5) -> None:
     (mesh.tmp / f"{node}.sock").unlink(missing_ok=True)
     with mesh.logs[node].open("a") as f:
         f.write(f"--- restarted (drain {drain:g}s)\n")
-    argv = _node_argv(mesh.plan, node, mesh.tmp, mesh.config_dir, drain)
+    argv = _node_argv(mesh.plan, node, mesh.tmp, mesh.config_dir, drain, extra)
     mesh.procs[node] = E2E._spawn(argv, mesh.logs[node])
     E2E._wait_for(mesh.tmp / f"{node}.sock")
     deadline = time.monotonic() + 20
@@ -413,3 +414,74 @@ def test_control_plane_down_longer_than_the_certificate_ttl(mesh: Any, figures: 
         assert counts and max(counts.values()) <= 20, f"{node} retried too often: {counts}"
     assert recovery < 20, f"recovered only {recovery:.1f}s after the control plane returned"
     assert steady == 10
+
+
+OVERLOAD_CLIENT = r"""
+import json, socket, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+req = f"GET /data HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+held = []
+for _ in range(2):
+    s = socket.create_connection((host, port), timeout=5)
+    s.sendall(req)
+    held.append(s)
+time.sleep(0.5)  # both are now in setup on the stopped peer
+t0 = time.monotonic()
+third = socket.create_connection((host, port), timeout=5)
+try:
+    third.sendall(req)
+    got = third.recv(100)
+    outcome = "eof" if not got else "answered"
+except ConnectionResetError:
+    outcome = "reset"
+except TimeoutError:
+    outcome = "hung"
+print(json.dumps({"third": outcome, "took": round(time.monotonic() - t0, 3)}), flush=True)
+sys.stdin.readline()  # the test resumes the peer
+answers = []
+for s in held:
+    s.settimeout(20)
+    data = b""
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+    except OSError as exc:
+        data += str(exc).encode()
+    answers.append(data.split(b"\r\n", 1)[0].decode(errors="replace"))
+print(json.dumps({"held": answers}), flush=True)
+"""
+
+
+def test_overload_sheds_new_outbound_connections(mesh: Any, figures: Callable[..., None]) -> None:
+    """Open finding 16: past `--max-setting-up` tunnels in setup, a new outbound connection is reset
+    at once (the app sees ECONNRESET, not a hang), while the admitted ones still complete. The setups
+    are held open by stopping the server-side node proxy (SIGSTOP) so the CONNECTs get no answer."""
+    _restart_node(mesh, "node-2", extra=("--max-setting-up", "2"))
+    server = mesh.procs["node-1"]
+    try:
+        assert _curl_ok(mesh)
+        (mesh.tmp / "overload.py").write_text(OVERLOAD_CLIENT)
+        client = subprocess.Popen(
+            ["ip", "netns", "exec", mesh.netns("namespace-b", "app-b"), sys.executable,
+             str(mesh.tmp / "overload.py"), mesh.pod_ip("namespace-a", "app-a"), "8080"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert client.stdin is not None and client.stdout is not None
+        server.send_signal(signal.SIGSTOP)
+        try:
+            third = json.loads(client.stdout.readline())
+        finally:
+            server.send_signal(signal.SIGCONT)
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        held = json.loads(client.stdout.readline())["held"]
+        client.wait(30)
+        shed = [line for line in mesh.node_get("node-2", 15020, "/metrics").splitlines()
+                if line.startswith("zerotunnel_connections_shed_total")]
+        figures(scenario="overload-shed", third=third, held=held, shed_metric=shed)
+        assert third["third"] in ("reset", "eof") and third["took"] < 1.0, third
+        assert held == ["HTTP/1.1 200 OK"] * 2, held
+        assert shed and float(shed[0].split()[-1]) >= 1, shed
+    finally:
+        server.send_signal(signal.SIGCONT)
+        _restart_node(mesh, "node-2")
+    assert _curl_ok(mesh)

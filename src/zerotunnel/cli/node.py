@@ -75,6 +75,14 @@ from zerotunnel.errors import InputError
     help="Serve this pod from the start (e.g. namespace-a/app-a=/run/netns/x=10.244.1.2).",
 )
 @click.option("--drain", default=5.0, show_default=True, help="Seconds live connections get on SIGTERM.")
+@click.option(
+    "--max-setting-up",
+    default=512,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Outbound connections being set up (accepted, tunnel not yet open) across the node's pods; "
+    "beyond it new ones are reset at once, so overload does not slow the admitted ones down.",
+)
 def node(
     node_name: str,
     control: str | None,
@@ -90,6 +98,7 @@ def node(
     ready_addr: str,
     pods: tuple[str, ...],
     drain: float,
+    max_setting_up: int,
 ) -> None:
     """Run the node proxy: transparent capture, HBONE over mutual TLS, L4 authorization.
 
@@ -129,6 +138,7 @@ def node(
             metrics=admin.parse_listen(metrics_addr, what="--metrics"),
             readiness=admin.parse_listen(ready_addr, what="--readiness"),
             drain_seconds=drain,
+            max_setting_up=max_setting_up,
             pods=tuple(parsed_pods),
         )
     )

@@ -50,6 +50,7 @@ class NodeOptions:
     metrics: tuple[str, int] = ("0.0.0.0", 15020)  # noqa: S104 - Prometheus scrapes from outside the node
     readiness: tuple[str, int] = ("0.0.0.0", 15021)  # noqa: S104 - probed from outside the node
     drain_seconds: float = 5.0
+    max_setting_up: int = 512
     pods: tuple[tuple[str, str, str], ...] = field(default=())
     """(uid, netns, ip) to serve at start, for running without a pod API client."""
 
@@ -84,7 +85,8 @@ class NodeRunner:
                 ttl=mesh.workload_cert_ttl,
                 trust_domain_aliases=mesh.trust_domain_aliases,
             )
-            self.proxy = NodeProxy(options.node, self.certs, access_log=self.access)
+            self.proxy = NodeProxy(options.node, self.certs, access_log=self.access,
+                                   max_setting_up=options.max_setting_up)
             self._apply()
             return [loop.create_task(self.source.watch(self._on_config, config_rejected, self.stop))]
         state_dir = options.state_dir or Path(f"/var/lib/zerotunnel/node-{options.node}")
@@ -92,7 +94,8 @@ class NodeRunner:
         await ensure_node_identity(options.control, state_dir, token=options.join_token, ca_root_pem=ca_root)
         self.ca_client = GrpcCaClient(options.control, state_dir)
         self.certs = CertificateManager(self.ca_client)
-        self.proxy = NodeProxy(options.node, self.certs, access_log=self.access)
+        self.proxy = NodeProxy(options.node, self.certs, access_log=self.access,
+                                   max_setting_up=options.max_setting_up)
         self.subscription = ConfigSubscription(self.ca_client, self._on_snapshot)
         return [
             loop.create_task(self.subscription.run(self.stop)),

@@ -106,6 +106,9 @@ class ProxyMetrics:
                                           ["direction", "reason"], registry=r)
         self.hbone_connections = Gauge("istio_hbone_pool_connections",
                                        "HBONE client connections open in the pool", registry=r)
+        self.shed = Counter("zerotunnel_connections_shed",
+                            "Outbound connections reset at accept because too many were being set up",
+                            registry=r)
 
     def connection_opened(self, labels: TrafficLabels) -> None:
         self.opened.labels(*labels.values()).inc()
@@ -131,6 +134,9 @@ class ProxyMetrics:
         self.opened.labels(*labels.values()).inc()
         self.closed.labels(*labels.values()).inc()
         self.failed.labels(*labels.values()).inc()
+
+    def connection_shed(self) -> None:
+        self.shed.inc()
 
     def handshake_failed(self, direction: str, reason: str) -> None:
         self.handshake_failures.labels(direction, reason).inc()
