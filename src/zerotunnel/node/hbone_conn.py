@@ -51,9 +51,10 @@ class _ReadBuffer(threading.local):
     """One 256 KiB decrypt buffer per thread, shared by every connection of that thread's loop.
 
     `receive_data` copies what it is given before it returns (into h2's or the lean path's frame
-    buffer), and events are dispatched after, so no connection ever holds it across a callback. A buffer per connection made each accepted socket
-    cost 260 KiB of resident memory before its TLS handshake even started: 1,000 silent sockets took
-    260 MiB (tests/reliability/test_floods.py, security.md §4 item 15).
+    buffer), and events are dispatched after, so no connection ever holds it across a callback. A
+    buffer per connection made each accepted socket cost 260 KiB of resident memory before its TLS
+    handshake even started: 1,000 silent sockets took 260 MiB (tests/reliability/test_floods.py,
+    security.md §4 item 15).
     """
 
     def __init__(self) -> None:
