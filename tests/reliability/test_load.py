@@ -228,7 +228,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadMesh]:
     plan = plan_network(
         cluster, ["node-1", "node-2"],
         [PodSpec(CLIENT[1], CLIENT[0], "node-2"), PodSpec(SERVER[1], SERVER[0], "node-1")],
-        pod_cidr="10.245.0.0/16", node_cidr="10.244.0.0/24", service_cidr="10.93.0.0/16",
+        pod_cidr="10.245.0.0/16", node_cidr="10.241.0.0/24", service_cidr="10.93.0.0/16",
     )
     create_network(plan)
     m = LoadMesh(plan, tmp)
