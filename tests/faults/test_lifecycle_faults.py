@@ -17,7 +17,6 @@ Address ranges and netns prefix are this module's own (`l…`, 10.246/10.247/10.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -30,7 +29,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -38,6 +36,7 @@ import pytest
 from zerotunnel.cluster.network import create_network, destroy_network, write_hosts_file
 from zerotunnel.cluster.topology import ServiceSpec, plan_network, pod_hosts
 from zerotunnel.node.capture import install_capture
+from zerotunnel.testing.modules import load_by_path
 
 pytestmark = [
     pytest.mark.e2e,
@@ -46,19 +45,7 @@ pytestmark = [
 ]
 
 
-def _load_node_e2e() -> ModuleType:
-    """tests/node/test_node_e2e.py as a module (pytest's importlib mode does not make it importable)."""
-    name = "zt_faults_node_e2e"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "node" / "test_node_e2e.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-E2E = _load_node_e2e()
+E2E = load_by_path(Path(__file__).resolve().parents[1] / "node" / "test_node_e2e.py", "zt_faults_node_e2e")
 URL = "http://app-a.namespace-a/data"
 SINK_PORT = 9000
 DRAIN_SECONDS = 5.0  # the node proxy's default, ztunnel's CONNECTION_TERMINATION_DEADLINE

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -29,6 +26,7 @@ import pytest
 from zerotunnel.cluster.network import create_network, destroy_network, write_hosts_file
 from zerotunnel.cluster.topology import ServiceSpec, plan_network, pod_hosts
 from zerotunnel.node.capture import install_capture
+from zerotunnel.testing.modules import load_by_path
 
 pytestmark = [
     pytest.mark.e2e,
@@ -38,19 +36,7 @@ pytestmark = [
 
 
 
-def _load_node_e2e() -> ModuleType:
-    """tests/node/test_node_e2e.py as a module (pytest's importlib mode does not make it importable)."""
-    name = "zt_faults_node_e2e"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "node" / "test_node_e2e.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-E2E = _load_node_e2e()
+E2E = load_by_path(Path(__file__).resolve().parents[1] / "node" / "test_node_e2e.py", "zt_faults_node_e2e")
 Mesh = E2E.Mesh
 URL = "http://app-a.namespace-a/data"
 TMPFS_SIZE = "512k"

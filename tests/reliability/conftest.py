@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import functools
 import gc
-import importlib.util
 import json
 import os
 import statistics
@@ -36,13 +35,11 @@ import pytest
 from zerotunnel.node.hbone_client import HbonePool
 from zerotunnel.node.hbone_conn import HboneStream
 from zerotunnel.node.metrics import ProxyMetrics
+from zerotunnel.testing.modules import load_by_path
 
-_NODE_CONFTEST = Path(__file__).resolve().parents[1] / "node" / "conftest.py"
-_spec = importlib.util.spec_from_file_location("zt_reliability_node_conftest", _NODE_CONFTEST)
-assert _spec is not None and _spec.loader is not None
-_node = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = _node
-_spec.loader.exec_module(_node)
+_node = load_by_path(
+    Path(__file__).resolve().parents[1] / "node" / "conftest.py", "zt_reliability_node_conftest"
+)
 
 pki = _node.pki
 env = _node.env
@@ -202,13 +199,7 @@ async def run_abuser(env: Any, server: Any, scenario: str, n: int, authority: st
 @functools.cache
 def fuzz_targets() -> Any:
     """fuzz/targets.py (shared with the atheris harness), loaded by path."""
-    path = Path(__file__).resolve().parents[2] / "fuzz" / "targets.py"
-    spec = importlib.util.spec_from_file_location("zt_fuzz_targets", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_by_path(Path(__file__).resolve().parents[2] / "fuzz" / "targets.py", "zt_fuzz_targets")
 
 
 @functools.cache

@@ -25,7 +25,6 @@ telemetry"; here not even that — the waypoint's telemetry takes the source fro
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -44,13 +43,11 @@ from zerotunnel.cluster.network import create_network, destroy_network, write_ho
 from zerotunnel.cluster.topology import ServiceSpec, plan_network, pod_hosts
 from zerotunnel.control.castore import init_root
 from zerotunnel.node.capture import install_capture
+from zerotunnel.testing.modules import load_by_path
 
-_E2E = Path(__file__).resolve().parents[1] / "waypoint" / "test_waypoint_e2e.py"
-_spec = importlib.util.spec_from_file_location("zt_bypass_waypoint_e2e", _E2E)
-assert _spec is not None and _spec.loader is not None
-wpe = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = wpe
-_spec.loader.exec_module(wpe)
+wpe = load_by_path(
+    Path(__file__).resolve().parents[1] / "waypoint" / "test_waypoint_e2e.py", "zt_bypass_waypoint_e2e"
+)
 
 pytestmark = wpe.pytestmark
 

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import statistics
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
@@ -44,15 +42,13 @@ from zerotunnel.identity.bundle import TrustBundle
 from zerotunnel.identity.ca import CertificateAuthority
 from zerotunnel.identity.spiffe import SpiffeId
 from zerotunnel.node.hbone_client import HbonePool, PoolKey
+from zerotunnel.testing.modules import load_by_path
 from zerotunnel.waypoint import serve
 from zerotunnel.waypoint.http import StreamChannel
 
-_WP_CONFTEST = Path(__file__).resolve().parents[1] / "waypoint" / "conftest.py"
-_spec = importlib.util.spec_from_file_location("zt_reliability_waypoint_conftest", _WP_CONFTEST)
-assert _spec is not None and _spec.loader is not None
-wp = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = wp
-_spec.loader.exec_module(wp)
+wp = load_by_path(
+    Path(__file__).resolve().parents[1] / "waypoint" / "conftest.py", "zt_reliability_waypoint_conftest"
+)
 
 HOST = "app-a.namespace-a.svc.cluster.local"
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
