@@ -124,9 +124,7 @@ class PodProxy:
     outbound: set[TcpRelay] = field(default_factory=set)
     _pick: itertools.count[int] = field(default_factory=itertools.count)
     _hbone_closing: asyncio.Task[None] | None = None
-    not_after: datetime | None = None
     _expiry_reported: bool = False
-    _old_expiry: dict[int, tuple[WorkloadCredentials, datetime]] = field(default_factory=dict)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -145,7 +143,6 @@ class PodProxy:
             metrics=self.node.metrics,
             access_log=self.node.access_log,
         )
-        self.not_after = self.credentials.not_after
         # 15008 never presents an expired certificate (security.md §4 item 25).
         self.hbone.set_handshake_gate(lambda: self.certificate_problem() is None)
         await self.hbone.start(sock=open_listener_in_netns(self.netns, BIND_ALL, 15008, blocking=False))
@@ -202,12 +199,7 @@ class PodProxy:
         return max(at_start - cut, 0), cut
 
     def update_credentials(self, credentials: WorkloadCredentials) -> None:
-        if self.not_after is not None:  # pooled connections made with it are judged by its expiry
-            self._old_expiry[id(self.credentials)] = (self.credentials, self.not_after)
-            while len(self._old_expiry) > 8:
-                del self._old_expiry[next(iter(self._old_expiry))]
         self.credentials = credentials
-        self.not_after = credentials.not_after
         if self._expiry_reported:
             log.info("certificate for %s renewed; %s serves again", self.identity, self.uid)
             self._expiry_reported = False
@@ -221,10 +213,11 @@ class PodProxy:
         unreachable for longer than the TTL), the reason every tunnel needing it is refused with: the
         node fails closed — no expired certificate is presented or accepted as ours — and serves again
         as soon as a renewal arrives."""
-        if self.not_after is None or datetime.now(UTC) <= self.not_after:
+        not_after = self.credentials.not_after
+        if datetime.now(UTC) <= not_after:
             return None
         reason = self.node.certs.expired_reason(self.identity) or (
-            f"no valid certificate for {self.identity}: expired at {self.not_after.isoformat()}")
+            f"no valid certificate for {self.identity}: expired at {not_after.isoformat()}")
         if not self._expiry_reported:
             self._expiry_reported = True
             log.error("%s; refusing %s's tunnels until a new certificate arrives", reason, self.uid)
@@ -239,17 +232,8 @@ class PodProxy:
             if conn.retired:
                 continue
             if (conn.peer is not None and conn.peer.not_after < now) or (
-                    conn.creds is not self.credentials and self._expiry_of(conn.creds) < now):
+                    conn.creds is not self.credentials and conn.creds.not_after < now):
                 conn.retired = True
-
-    def _expiry_of(self, creds: WorkloadCredentials) -> datetime:
-        """NotAfter of an earlier certificate of ours, parsed once (this runs for every new tunnel)."""
-        known = self._old_expiry.get(id(creds))
-        if known is not None and known[0] is creds:
-            return known[1]
-        not_after = creds.not_after
-        self._old_expiry[id(creds)] = (creds, not_after)
-        return not_after
 
     def workload(self) -> Workload | None:
         snapshot = self.node.snapshot

@@ -64,9 +64,12 @@ class WorkloadCredentials:
         certs = x509.load_pem_x509_certificates(chain_pem)
         return cls(identity, chain_pem, key_pem, bundle, tuple(certs[1:]))
 
-    @property
-    def not_after(self) -> datetime:
-        return x509.load_pem_x509_certificates(self.chain_pem)[0].not_valid_after_utc
+    not_after: datetime = field(init=False, compare=False)
+    """The leaf's NotAfter, parsed once: the node proxy checks it on every new tunnel."""
+
+    def __post_init__(self) -> None:
+        leaf = x509.load_pem_x509_certificates(self.chain_pem)[0]
+        object.__setattr__(self, "not_after", leaf.not_valid_after_utc)
 
     def roots_pem(self) -> str:
         return "".join(self.bundle.pem_for(td).decode() for td in sorted(self.bundle.roots))
