@@ -163,7 +163,6 @@ class HboneServer:
         of silent or slow clients is capped here and reaped by `handshake_timeout`, so it can
         neither exhaust memory nor grow without bound before the timeout fires."""
         self.open_sockets = 0
-        self.pending_handshakes = 0
         self.refused_sockets = 0
         self.evicted_sockets = 0
         self._handshaking: dict[_ServerConnection, None] = {}  # in accept order, oldest first
@@ -193,6 +192,11 @@ class HboneServer:
         assert self._server is not None and self._server.sockets
         name = self._server.sockets[0].getsockname()
         return str(name[0]), int(name[1])
+
+    @property
+    def pending_handshakes(self) -> int:
+        """Sockets accepted and still in their TLS handshake."""
+        return len(self._handshaking)
 
     def set_handshake_gate(self, may_handshake: Callable[[], bool]) -> None:
         """Ask `may_handshake()` at every ClientHello (the SNI callback runs with or without SNI);
@@ -409,7 +413,7 @@ class HboneServer:
             self.refused_sockets += 1
             self.metrics.handshake_failed("inbound", "overload")
             return False
-        if self.pending_handshakes >= self.max_pending_handshakes and self._handshaking:
+        if self.pending_handshakes >= self.max_pending_handshakes:
             victim = next((c for c in self._handshaking if not c.heard_from), None)
             if victim is None:
                 victim = next(iter(self._handshaking))
@@ -417,7 +421,6 @@ class HboneServer:
             self.metrics.handshake_failed("inbound", "overload")
             victim.evict()
         self.open_sockets += 1
-        self.pending_handshakes += 1
         self._handshaking[conn] = None
         return True
 
@@ -439,7 +442,6 @@ class _ServerConnection(HboneConnectionProtocol):
         self.h2 = HboneServerConnection(settings=server.settings, limits=server.limits)
         self._tasks: set[asyncio.Task[None]] = set()
         self._admitted = False
-        self._handshaking = False
         self.heard_from = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -447,7 +449,7 @@ class _ServerConnection(HboneConnectionProtocol):
             self.closed = True
             cast(asyncio.Transport, transport).abort()  # uvloop transports are duck-typed alike
             return
-        self._admitted = self._handshaking = True
+        self._admitted = True
         super().connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -462,10 +464,7 @@ class _ServerConnection(HboneConnectionProtocol):
             self.transport.abort()
 
     def _handshake_over(self) -> None:
-        if self._handshaking:
-            self._handshaking = False
-            self.server.pending_handshakes -= 1
-            self.server._handshaking.pop(self, None)
+        self.server._handshaking.pop(self, None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
