@@ -232,3 +232,15 @@ def test_py_spiffe_parses_issued_svid(three_tier: CertificateAuthority) -> None:
     svid = X509Svid.parse(chain.chain_pem, key_pem)
     assert str(svid.spiffe_id) == str(SID)
     assert len(svid.cert_chain) == 2
+
+
+def test_load_certs_refuses_a_bundle_cut_inside_a_block() -> None:
+    """cryptography skips an unterminated PEM block, so a two-root bundle cut inside its second root
+    would load as one root; load_certs refuses it and names the file."""
+    from zerotunnel.identity.ca import load_certs
+
+    now = datetime.now(UTC)
+    pems = b"".join(CertificateAuthority.create_root("cluster.local", now).root_bundle_pem for _ in range(2))
+    assert len(load_certs(pems, "root-cert.pem")) == 2
+    with pytest.raises(CaError, match=r"root-cert\.pem: truncated PEM"):
+        load_certs(pems[: len(pems) - 200], "root-cert.pem")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from zerotunnel.identity.ca import (
     DEFAULT_ROOT_TTL,
     CaError,
     CertificateAuthority,
+    check_pem_framing,
 )
 
 ISTIO_FILES = ("ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem")
@@ -145,33 +145,6 @@ def write_files(files: dict[Path, tuple[bytes, int]]) -> None:
         for item in pending:
             with contextlib.suppress(OSError):
                 item.temp.unlink()
-
-
-_PEM_LINE = re.compile(rb"-----(BEGIN|END) ([A-Z0-9 ]+)-----")
-
-
-def check_pem_framing(data: bytes, what: str) -> None:
-    """Every `-----BEGIN X-----` closed by its `-----END X-----`, in order; InputError naming `what`.
-
-    A file cut short inside a PEM block (a half-written copy, a crash mid-rotation) still parses as the
-    blocks before the cut — `cryptography` skips an unterminated block silently — so a root bundle
-    truncated inside its second root would load as a one-root bundle, and the nodes whose certificates
-    chain to the lost root would be cut off (security.md §4 item 28). A cut exactly between two blocks
-    is a well-formed shorter file and cannot be told from one.
-    """
-    open_label: bytes | None = None
-    for match in _PEM_LINE.finditer(data):
-        kind, label = match.group(1), match.group(2)
-        if kind == b"BEGIN":
-            if open_label is not None:
-                raise InputError(f"{what}: truncated PEM: {open_label.decode()} block has no END line")
-            open_label = label
-        elif open_label != label:
-            raise InputError(f"{what}: malformed PEM: END {label.decode()} without its BEGIN line")
-        else:
-            open_label = None
-    if open_label is not None:
-        raise InputError(f"{what}: truncated PEM: {open_label.decode()} block has no END line")
 
 
 def _read(directory: Path, name: str) -> bytes:

@@ -18,8 +18,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from zerotunnel.config.model import Config, Gateway, HTTPRoute, Server, VirtualService
-from zerotunnel.control.castore import check_pem_framing
 from zerotunnel.errors import InputError, ZerotunnelError
+from zerotunnel.identity.ca import check_pem_framing
 
 SERVED_MODES = ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL")
 DEFAULT_GATEWAY_SA = "istio-ingressgateway-service-account"

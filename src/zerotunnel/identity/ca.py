@@ -7,6 +7,7 @@ istiod are interchangeable; §3.5 gives the self-signed root and the `cacerts` p
 from __future__ import annotations
 
 import itertools
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,10 +43,39 @@ def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+_PEM_LINE = re.compile(rb"-----(BEGIN|END) ([A-Z0-9 ]+)-----")
+
+
+def check_pem_framing(data: bytes, what: str) -> None:
+    """Every `-----BEGIN X-----` closed by its `-----END X-----`, in order; CaError naming `what`.
+
+    A file cut short inside a PEM block (a half-written copy, a crash mid-rotation) still parses as the
+    blocks before the cut — `cryptography` skips an unterminated block silently — so a root bundle
+    truncated inside its second root would load as a one-root bundle, and the nodes whose certificates
+    chain to the lost root would be cut off (security.md §4 item 28). A cut exactly between two blocks
+    is a well-formed shorter file and cannot be told from one.
+    """
+    open_label: bytes | None = None
+    for match in _PEM_LINE.finditer(data):
+        kind, label = match.group(1), match.group(2)
+        if kind == b"BEGIN":
+            if open_label is not None:
+                raise CaError(f"{what}: truncated PEM: {open_label.decode()} block has no END line")
+            open_label = label
+        elif open_label != label:
+            raise CaError(f"{what}: malformed PEM: END {label.decode()} without its BEGIN line")
+        else:
+            open_label = None
+    if open_label is not None:
+        raise CaError(f"{what}: truncated PEM: {open_label.decode()} block has no END line")
+
+
 def load_certs(pem: bytes, what: str) -> list[x509.Certificate]:
-    """Every certificate in a PEM blob; CaError naming `what` when there is none or one is malformed."""
+    """Every certificate in a PEM blob; CaError naming `what` when there is none, one is malformed,
+    or the blob is cut inside a block (`check_pem_framing`)."""
     if b"-----BEGIN CERTIFICATE-----" not in pem:
         raise CaError(f"{what}: no PEM certificate found")
+    check_pem_framing(pem, what)
     try:
         certs = x509.load_pem_x509_certificates(pem)
     except ValueError:
