@@ -125,7 +125,10 @@ class AbuseLimits:
 
 
 @dataclass(slots=True)
-class _TokenBucket:
+class TokenBucket:
+    """`burst` tokens, refilled at `rate` per second of the caller's clock; `take` spends one, or
+    says False when none is left (the abuse budgets here and in the waypoint's HTTP/2 server)."""
+
     burst: float
     rate: float
     tokens: float
@@ -286,8 +289,8 @@ class _HboneConnection:
         self._h2 = conn
         self._out: dict[int, _Outbound] = {}
         self._remote_ended: set[int] = set()
-        self._resets = _TokenBucket(limits.reset_burst, limits.reset_rate, limits.reset_burst)
-        self._control = _TokenBucket(limits.control_burst, limits.control_rate, limits.control_burst)
+        self._resets = TokenBucket(limits.reset_burst, limits.reset_rate, limits.reset_burst)
+        self._control = TokenBucket(limits.control_burst, limits.control_rate, limits.control_burst)
         self._limits = limits
         self._data_frames_sent = 0
         self._window_updates = 0
@@ -620,7 +623,7 @@ class _HboneConnection:
         if not self._resets.take(self._now):
             raise _OverBudget("too many refused streams")
 
-    def _over_budget(self, bucket: _TokenBucket, now: float, what: str) -> bool:
+    def _over_budget(self, bucket: TokenBucket, now: float, what: str) -> bool:
         if bucket.take(now):
             return False
         self._goaway(ErrorCodes.ENHANCE_YOUR_CALM, f"too many {what}")

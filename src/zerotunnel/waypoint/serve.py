@@ -39,6 +39,7 @@ import h2.exceptions
 import h2.settings
 import h11
 
+from zerotunnel.hbone.protocol import AbuseLimits, TokenBucket
 from zerotunnel.waypoint.http import (
     MAX_BODY_BYTES,
     MAX_HEADER_BYTES,
@@ -53,11 +54,10 @@ log = logging.getLogger("zerotunnel.waypoint")
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_CONCURRENT_STREAMS = 100
-RESET_BURST = 1000
-RESET_RATE = 33.0
-CONTROL_BURST = 200
-CONTROL_RATE = 20.0
-"""The node proxy's `AbuseLimits` control-frame budget: a keepalive is one PING per 10 s."""
+ABUSE_LIMITS = AbuseLimits()
+"""The node proxy's 15008 budgets (rapid reset as nghttp2; SETTINGS/PING: a keepalive is one PING per
+10 s), applied to HTTP/2 clients of the waypoint and the gateway too."""
+CONTROL_BURST = ABUSE_LIMITS.control_burst
 HEADER_TIMEOUT = 10.0
 """Envoy's `request_headers_timeout` (off by default; its edge guide sets it): the head of a request must
 arrive within this many seconds of its first byte. Idle keep-alive between requests is not counted."""
@@ -333,11 +333,10 @@ class _H2Session:
         )
         self.requests: dict[int, HttpRequest] = {}
         self.handling: dict[int, asyncio.Task[None]] = {}
-        self.reset_tokens = float(RESET_BURST)
-        self.reset_stamp = time.monotonic()
+        lim = ABUSE_LIMITS
+        self.resets = TokenBucket(lim.reset_burst, lim.reset_rate, lim.reset_burst)
+        self.control = TokenBucket(lim.control_burst, lim.control_rate, lim.control_burst)
         self.abusive = False
-        self.control_tokens = float(CONTROL_BURST)
-        self.control_stamp = time.monotonic()
         self.sizes: dict[int, int] = {}
         self.bodies: dict[int, list[bytes]] = {}
         """Request body chunks, joined once at END_STREAM (`bytes +=` per DATA frame copied a 16 MiB
@@ -515,24 +514,14 @@ class _H2Session:
     def _count_reset(self) -> None:
         """security.md §1d (CVE-2023-44487 rapid reset): a token bucket of client resets per
         connection, nghttp2's budget; over it the connection gets GOAWAY ENHANCE_YOUR_CALM."""
-        now = time.monotonic()
-        self.reset_tokens = min(RESET_BURST, self.reset_tokens + (now - self.reset_stamp) * RESET_RATE)
-        self.reset_stamp = now
-        self.reset_tokens -= 1
-        if self.reset_tokens < 0 and not self.abusive:
+        if not self.resets.take(time.monotonic()) and not self.abusive:
             self.abusive = True
             log.warning("HTTP/2 client exceeded the stream reset budget; closing the connection")
             self.conn.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
 
     def _count_control(self) -> None:
         """security.md §1d (SETTINGS/PING floods, CVE-2019-9512/9515): each costs us an ACK."""
-        now = time.monotonic()
-        self.control_tokens = min(
-            CONTROL_BURST, self.control_tokens + (now - self.control_stamp) * CONTROL_RATE
-        )
-        self.control_stamp = now
-        self.control_tokens -= 1
-        if self.control_tokens < 0 and not self.abusive:
+        if not self.control.take(time.monotonic()) and not self.abusive:
             self.abusive = True
             log.warning("HTTP/2 client exceeded the SETTINGS/PING budget; closing the connection")
             # `h2` has already queued an ACK for every frame of this read: they are not sent.
