@@ -9,7 +9,7 @@ connected to the server app: client pod → node A → HBONE → node B → serv
 The load generators (tests/faults/loadgen.py) run inside the client pod's netns (`ip netns exec`).
 The server and the generators inherit this process's RLIMIT_NOFILE (raised to the hard limit here); the
 node proxies are started with a soft limit of 1,024 and must raise it to the hard one themselves at
-start-up (node/main.py `raise_open_files_limit`), as ztunnel does.
+start-up (node/process.py `raise_open_files_limit`), as ztunnel does.
 
 Short form in the suite; `ZT_SOAK=1` (`make soak`) is the long form: 10,000 tunnels held 60 s,
 1,000 new connections per second for 60 s. Figures go to `$ZT_RELIABILITY_FIGURES`.

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import resource
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,28 +151,7 @@ class NodeRunner:
         await cancel_all(tasks)
 
 
-def raise_open_files_limit() -> int:
-    """Soft RLIMIT_NOFILE up to the hard limit; returns the limit now in force.
-
-    Every proxied connection holds a descriptor in the node proxy on each side it serves (the pod's
-    captured socket, the socket to the app), so the usual soft limit of 1,024 caps a node at well under
-    a thousand connections. ztunnel raises its soft limit to the hard one at start-up
-    (`increase_open_files_limit`), as nginx and haproxy do; so does the node proxy (issue 9: 10,000
-    concurrent tunnels).
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (OSError, ValueError) as exc:
-            log.warning("open-files limit stays at %d (hard %d): %s", soft, hard, exc)
-            return soft
-    return hard
-
-
 def run(options: NodeOptions) -> None:
-    raise_open_files_limit()
-
     async def main() -> None:
         await NodeRunner(options).run()
 

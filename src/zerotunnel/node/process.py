@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Iterable
@@ -47,10 +48,31 @@ def parse_namespaced_name(value: str, *, flag: str) -> tuple[str, str]:
     return ns, name
 
 
+def raise_open_files_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit; returns the limit now in force.
+
+    Every proxied connection holds a descriptor in the node proxy on each side it serves (the pod's
+    captured socket, the socket to the app), so the usual soft limit of 1,024 caps a node at well under
+    a thousand connections. ztunnel raises its soft limit to the hard one at start-up
+    (`increase_open_files_limit`), as nginx and haproxy do; so does the node proxy (issue 9: 10,000
+    concurrent tunnels). The waypoint and the gateway hold a socket per connection as well, so every
+    process started through `run_process` does it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("open-files limit stays at %d (hard %d): %s", soft, hard, exc)
+            return soft
+    return hard
+
+
 def run_process(main: Callable[[], Coroutine[Any, Any, None]], *, use_uvloop: bool = True) -> None:
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    raise_open_files_limit()
     if use_uvloop:
         try:
             import uvloop
