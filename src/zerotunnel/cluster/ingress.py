@@ -21,7 +21,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,7 +30,7 @@ from cryptography import x509
 
 from zerotunnel.cluster import runner
 from zerotunnel.cluster.state import DEFAULT_CLUSTER, ClusterDir
-from zerotunnel.cluster.traffic import _log_sizes, _new_records, _source_label
+from zerotunnel.cluster.traffic import _log_sizes, _new_records, _source_label, report
 from zerotunnel.errors import InputError, ZerotunnelError
 
 LOG_WAIT = 3.0
@@ -187,15 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     except ZerotunnelError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
-    if args.output == "json":
-        print(json.dumps([asdict(r) for r in results], indent=1))
-    else:
-        print(render(results))
-    wrong = [f"{r.client} -> {r.url}: {r.decision}, expected {e.upper()}"
-             for r, e in zip(results, args.expect, strict=False) if r.decision != e.upper()]
-    for w in wrong:
-        print(f"unexpected: {w}", file=sys.stderr)
-    return 1 if wrong else 0
+    return report(results, args.expect, args.output, render(results), lambda r: f"{r.client} -> {r.url}")
 
 
 if __name__ == "__main__":

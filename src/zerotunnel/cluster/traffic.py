@@ -19,6 +19,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -205,6 +206,21 @@ def _explain_allow(status: dict[str, Any], pod: dict[str, Any], rec: dict[str, A
         return f"allowed (could not explain: {exc})"
 
 
+def report(results: Sequence[Any], expect: Sequence[str] | None, output: str, table: str,
+           describe: Callable[[Any], str]) -> int:
+    """Print the results (JSON or `table`) and each one whose decision is not the `--expect`ed one;
+    the exit status: 1 if any was unexpected (`traffic` and `ingress` share it)."""
+    if output == "json":
+        print(json.dumps([asdict(r) for r in results], indent=1))
+    else:
+        print(table)
+    wrong = [f"{describe(r)}: {r.decision}, expected {e.upper()}"
+             for r, e in zip(results, expect or [], strict=False) if r.decision != e.upper()]
+    for w in wrong:
+        print(f"unexpected: {w}", file=sys.stderr)
+    return 1 if wrong else 0
+
+
 def render(results: list[Result]) -> str:
     out = []
     for r in results:
@@ -237,15 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     except ZerotunnelError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
-    if args.output == "json":
-        print(json.dumps([asdict(r) for r in results], indent=1))
-    else:
-        print(render(results))
-    wrong = [f"{r.client} -> {r.method} {r.url}: {r.decision}, expected {e.upper()}"
-             for r, e in zip(results, args.expect, strict=False) if r.decision != e.upper()]
-    for w in wrong:
-        print(f"unexpected: {w}", file=sys.stderr)
-    return 1 if wrong else 0
+    return report(results, args.expect, args.output, render(results),
+                  lambda r: f"{r.client} -> {r.method} {r.url}")
 
 
 if __name__ == "__main__":
